@@ -1,0 +1,5 @@
+import sys
+
+from dopr.scripts.cli import main
+
+sys.exit(main())
