@@ -1,0 +1,25 @@
+"""What a task is, independent of the simulator behind it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """Everything training and evaluation need to know about a task without building it.
+
+    A checkpoint records these fields so that evaluation can refuse an environment whose
+    observations or actions do not match what the policy was trained on.
+    """
+
+    name: str  # dopr's name, e.g. "lift"
+    kind: str  # "robosuite" or "gymnasium"
+    env_id: str  # the simulator's own name, e.g. "Lift" or "Reacher-v5"
+    horizon: int  # default evaluation horizon in control steps
+    lowdim_keys: tuple[str, ...]  # low-dimensional observation keys
+    image_keys: tuple[str, ...] = ()  # camera keys when obs="image"
+    action_dim: int = 7
+    control_freq: float = 20.0  # control steps per second
+    demo_steps: int = 0  # typical length of a scripted expert episode (0: unknown)
+    extra: dict = field(default_factory=dict)  # simulator-specific construction options

@@ -1,0 +1,32 @@
+"""`dopr bench WHAT`: speed and memory benchmarks that print ratios measured side by side in one run."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+# benchmark -> module with `main(argv) -> int`
+BENCHMARKS = {
+    "optim": "dopr.optim.bench",
+    "collect": "dopr.envs.bench",
+    "train": "dopr.policies.bench",
+    "eval": "dopr.eval.bench",
+    "serve": "dopr.deploy.bench",
+}
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="speed/memory benchmarks (optim, collect, train, eval, serve)",
+        description="Run a benchmark; every benchmark prints ratios measured side by side in one run. "
+        "Pass the benchmark's own options after its name (`dopr bench optim --help`).",
+    )
+    p.add_argument("what", choices=sorted(BENCHMARKS), help="which benchmark")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="options for that benchmark")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    module = importlib.import_module(BENCHMARKS[args.what])
+    return int(module.main(args.rest) or 0)
