@@ -1,0 +1,27 @@
+"""Closed-loop evaluation (`dopr eval`), its metrics, and the TTF report (`dopr report`).
+
+Names are imported on first use, so that a spawned simulator worker (which imports
+dopr.eval.env_pool) does not pay for torch.
+"""
+
+_EXPORTS = {
+    "evaluate_checkpoint": "dopr.eval.evaluator",
+    "evaluate_policy": "dopr.eval.evaluator",
+    "CheckpointMismatch": "dopr.eval.evaluator",
+    "EvalResult": "dopr.eval.results",
+    "wilson_interval": "dopr.eval.metrics",
+    "success_stats": "dopr.eval.metrics",
+    "spearman": "dopr.eval.metrics",
+    "measure_compounding_error": "dopr.eval.compounding_error",
+    "build_report": "dopr.eval.report",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'dopr.eval' has no attribute {name!r}")

@@ -1,0 +1,252 @@
+"""EpisodeStore: demonstrations in a zarr group, one episode appended at a time.
+
+Layout (diffusion_policy's ReplayBuffer, so its datasets open here unchanged, zarr v2 or v3):
+
+    <store>.zarr/
+        data/<key>          arrays concatenated over time (axis 0), e.g. data/action (N, A)
+        meta/episode_ends   int64, cumulative: episode i is steps [ends[i-1], ends[i])
+
+Appending is atomic. The data arrays are grown and written first; the episode is committed by
+growing meta/episode_ends by one element, whose new value is written into the chunk *before* the
+array's shape is updated, so that the commit is a single metadata-file write (zarr writes every
+file to a temporary name and renames it). A writer killed at any moment therefore leaves a store
+whose episode_ends names only complete episodes; steps written past episode_ends[-1] are ignored
+by readers and cut off when the store is next opened for appending.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from dopr.data.validate import EpisodeStoreError, check_episode, check_store
+
+# Chunk sizes follow how the sampler reads. Low-dim arrays are copied into memory once, so their
+# chunk size only sets the cost of an append (the last, partial chunk is read, extended and
+# rewritten) and the number of files: a few hundred steps keeps both small. Images are read
+# either whole (into the sampler's memory cache) or a few frames at random positions. zarr spends
+# about a millisecond per chunk whatever its size (3000 84x84x3 frames on one core: one frame per
+# chunk wrote 2.7 ms and read 0.70 ms per frame; 16 per chunk 0.40 and 0.08 ms), while a random
+# read decompresses one chunk per frame it needs, so image chunks hold a few frames, up to ~0.5 MB.
+LOWDIM_CHUNK_STEPS = 256
+MAX_CHUNK_BYTES = 4 << 20
+IMAGE_CHUNK_FRAMES = 16
+IMAGE_CHUNK_BYTES = 512 << 10
+EPISODE_ENDS_CHUNK = 4096
+
+
+def chunks_for(step_shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, ...]:
+    """Chunk shape for an array whose per-step shape is `step_shape` (see the comment above)."""
+    step_bytes = max(int(np.prod(step_shape, dtype=np.int64)) * np.dtype(dtype).itemsize, 1)
+    if len(step_shape) >= 3:  # (H, W, C) frames
+        steps = int(np.clip(IMAGE_CHUNK_BYTES // step_bytes, 1, IMAGE_CHUNK_FRAMES))
+    else:
+        steps = int(np.clip(MAX_CHUNK_BYTES // step_bytes, 1, LOWDIM_CHUNK_STEPS))
+    return (steps, *step_shape)
+
+
+def _compressors(zarr_format: int):
+    # Blosc with zstd and byte shuffle: floats compress well after shuffling and decompress fast.
+    if zarr_format == 2:
+        import numcodecs
+
+        return numcodecs.Blosc(cname="zstd", clevel=3, shuffle=numcodecs.Blosc.SHUFFLE)
+    return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+def _append_element_atomically(arr: zarr.Array, value) -> None:
+    """Append one element to a 1-D array so that the array never shows a half-written element.
+
+    The value goes into its chunk through a view of the array that already has the new shape
+    (readers still see the old shape, which hides it); then resize writes the new shape, one
+    atomic metadata write, and the element appears.
+    """
+    n = arr.shape[0]
+    grown = zarr.Array(
+        zarr.AsyncArray(arr.metadata.update_shape((n + 1,)), arr.store_path, arr._async_array._config)
+    )
+    grown[n] = value
+    arr.resize((n + 1,))
+
+
+class EpisodeStore:
+    """A zarr episode store. Build with `create` or `open`, never directly."""
+
+    def __init__(self, group: zarr.Group, path: Path, mode: str):
+        self._group = group
+        self.path = path
+        self.mode = mode
+        self._ends = self._read_episode_ends()
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def create(cls, path, attrs: Mapping | None = None, overwrite: bool = False) -> EpisodeStore:
+        """Create an empty store at `path` (zarr v3). Built in a temporary folder and renamed
+        into place, so a store either exists complete or not at all."""
+        path = Path(path)
+        if path.exists():
+            if not overwrite:
+                raise FileExistsError(f"{path}: already exists (pass overwrite=True to replace it)")
+            shutil.rmtree(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        group.create_group("data")
+        group.create_group("meta").create_array(
+            "episode_ends", shape=(0,), dtype="int64", chunks=(EPISODE_ENDS_CHUNK,), fill_value=0
+        )
+        if attrs:
+            group.attrs.update(dict(attrs))
+        os.rename(tmp, path)
+        return cls.open(path, mode="a")
+
+    @classmethod
+    def open(cls, path, mode: str = "r") -> EpisodeStore:
+        """Open a store (a .zarr folder, or a .zarr.zip file read-only): mode "r" (read only) or
+        "a" (append; creates the store if missing).
+
+        Runs the cheap validation (layout, episode_ends, lengths, dtypes); `validate(full=True)`
+        also scans for NaN/inf. In mode "a", steps left behind by an interrupted append are cut off.
+        """
+        if mode not in ("r", "a"):
+            raise ValueError(f"mode must be 'r' or 'a', got {mode!r}")
+        path = Path(path)
+        if not path.exists():
+            if mode == "a":
+                return cls.create(path)
+            raise FileNotFoundError(f"{path}: no episode store there")
+        try:
+            if path.is_file():  # a zipped store (diffusion_policy caches image datasets as .zarr.zip)
+                if mode != "r":
+                    raise PermissionError(f"{path}: zipped stores open read-only; unzip it to append")
+                group = zarr.open_group(zarr.storage.ZipStore(path, mode="r"), mode="r")
+            else:
+                group = zarr.open_group(str(path), mode="r" if mode == "r" else "r+")
+        except PermissionError:
+            raise
+        except Exception as err:  # zarr raises several types for "not a group"
+            raise EpisodeStoreError(f"{path}: not a zarr group ({type(err).__name__}: {err})") from err
+        store = cls(group, path, mode)
+        store.validate(full=False)
+        if mode == "a":
+            store._discard_uncommitted()
+        return store
+
+    # ---- reading ------------------------------------------------------------------------
+    def _read_episode_ends(self) -> np.ndarray:
+        if "meta" not in self._group or "episode_ends" not in self._group["meta"]:
+            raise EpisodeStoreError(f"{self.path}: missing meta/episode_ends (not an episode store)")
+        if "data" not in self._group:
+            raise EpisodeStoreError(f"{self.path}: missing the data/ group (not an episode store)")
+        return np.asarray(self._group["meta/episode_ends"][:])
+
+    def refresh(self) -> None:
+        """Re-read episode_ends, e.g. to see episodes another process appended since opening."""
+        self._ends = self._read_episode_ends()
+
+    @property
+    def zarr_format(self) -> int:
+        return self._group.metadata.zarr_format
+
+    @property
+    def episode_ends(self) -> np.ndarray:
+        return self._ends.astype(np.int64)
+
+    @property
+    def n_episodes(self) -> int:
+        return len(self._ends)
+
+    @property
+    def n_steps(self) -> int:
+        return int(self._ends[-1]) if len(self._ends) else 0
+
+    @property
+    def episode_lengths(self) -> np.ndarray:
+        return np.diff(self.episode_ends, prepend=0)
+
+    @property
+    def keys(self) -> list[str]:
+        return sorted(self._group["data"].array_keys())
+
+    @property
+    def attrs(self):
+        """The store's attributes: a mutable mapping, each assignment persisted (mode "a")."""
+        return self._group.attrs
+
+    def array(self, key: str) -> zarr.Array:
+        """The zarr array data/<key>. It may hold steps past n_steps (an interrupted append): slice [:n_steps]."""
+        if key not in self._group["data"]:
+            raise KeyError(f"{self.path}: no key data/{key} (keys: {', '.join(self.keys)})")
+        return self._group["data"][key]
+
+    def episode_range(self, i: int) -> tuple[int, int]:
+        n = self.n_episodes
+        if not -n <= i < n:
+            raise IndexError(f"{self.path}: episode {i} out of range (store has {n} episodes)")
+        i %= n
+        return (int(self._ends[i - 1]) if i > 0 else 0), int(self._ends[i])
+
+    def get_episode(self, i: int, keys=None) -> dict[str, np.ndarray]:
+        start, end = self.episode_range(i)
+        return {k: np.asarray(self.array(k)[start:end]) for k in (keys or self.keys)}
+
+    def validate(self, full: bool = False) -> None:
+        """Raise EpisodeStoreError naming the key and episode of the first problem found.
+        full=True also reads every float array to look for NaN/inf."""
+        check_store(self._group, self._ends, self.path, full=full)
+
+    def __len__(self) -> int:
+        return self.n_episodes
+
+    def __repr__(self) -> str:
+        return f"EpisodeStore({str(self.path)!r}, episodes={self.n_episodes}, steps={self.n_steps}, keys={self.keys})"
+
+    # ---- writing ------------------------------------------------------------------------
+    def _require_writable(self) -> None:
+        if self.mode != "a":
+            raise PermissionError(f"{self.path}: opened read-only; open with mode='a' to append")
+
+    def _discard_uncommitted(self) -> None:
+        """Cut arrays back to episode_ends[-1] and remove temporary files of an interrupted write."""
+        n = self.n_steps
+        for key in self.keys:
+            arr = self.array(key)
+            if arr.shape[0] > n:
+                arr.resize((n, *arr.shape[1:]))
+        for partial in self.path.rglob("*.partial"):  # zarr's temporary files, never renamed
+            partial.unlink(missing_ok=True)
+
+    def append_episode(self, episode: Mapping[str, np.ndarray]) -> int:
+        """Append one episode ({key: (T, ...) array}, the same keys as the store) atomically.
+        Returns its index."""
+        self._require_writable()
+        index = self.n_episodes
+        episode = {k: np.asarray(v) for k, v in episode.items()}
+        existing = {k: self.array(k) for k in self.keys} if index > 0 else None
+        check_episode(episode, existing, self.path, index)
+        data = self._group["data"]
+        if index == 0:  # the key set is not committed yet: (re)create every array from this episode
+            for key in self.keys:
+                del data[key]
+            fmt = self.zarr_format
+            for key, value in episode.items():
+                data.create_array(
+                    key, shape=(0, *value.shape[1:]), dtype=value.dtype,
+                    chunks=chunks_for(value.shape[1:], value.dtype),
+                    compressors=_compressors(fmt), fill_value=0,
+                )
+        start = self.n_steps
+        end = start + len(next(iter(episode.values())))
+        for key, value in episode.items():
+            arr = data[key]
+            arr.resize((end, *arr.shape[1:]))
+            arr[start:end] = value.astype(arr.dtype, copy=False)
+        _append_element_atomically(self._group["meta/episode_ends"], end)  # the commit
+        self._ends = np.append(self._ends, np.int64(end))
+        return index

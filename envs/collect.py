@@ -1,0 +1,328 @@
+"""Collect expert demonstrations into an EpisodeStore with parallel worker processes.
+
+    summary = collect("lift", n_episodes=200, out="demos/lift.zarr", workers=2)
+
+Episode k of a store is the rollout of the task's expert from seed `seed + j` for some j, and the
+seeds are consumed in increasing order: the parent appends results in seed order and stops at the
+first seed that completes the count, so the store's contents do not depend on the number of
+workers. Workers (multiprocessing, spawn) each build one env, run whole episodes and send each
+back as one message of stacked arrays; the parent appends one finished episode at a time (the
+EpisodeStore append is atomic) and records the seeds used in the store's attributes, so running
+the same command again on an existing store appends until the count is reached, continuing after
+the last seed tried.
+
+Each episode stores, per step t: every observation key (before the action), `state` (the
+simulator state before the action, from env.get_state()), `action` (the expert's CLEAN label),
+`reward`, and with noise_std > 0 also `executed_action` (label + seeded noise, what was sent to
+the simulator; replaying it from state[0] reproduces the episode). Rollouts stop at the first step
+whose info["success"] is True, or when the env terminates or reaches its horizon.
+Per-episode seed and success live in the store's attrs (`episode_seeds`, `episode_success`).
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ACTION_KEY = "action"
+EXECUTED_ACTION_KEY = "executed_action"
+
+
+@dataclass
+class CollectConfig:
+    task: str
+    n_episodes: int
+    out: str
+    workers: int = 2  # worker processes; 0 runs episodes in this process (debugging, tests)
+    seed: int | None = None  # base seed (default 0); on resume it must match the store's
+    noise_std: float = 0.0  # std of the Gaussian noise on the executed action
+    keep_failed: bool = False  # also store episodes that did not succeed
+    obs: str = "lowdim"  # "lowdim" or "image"
+    horizon: int | None = None  # None: the task's default horizon
+    image_size: int = 84
+    progress: bool = True
+    max_attempts: int | None = None  # give up after this many rollouts (None: 10 x n_episodes + 10)
+
+
+@dataclass
+class CollectSummary:
+    path: str
+    n_episodes: int  # episodes in the store at the end
+    added: int  # episodes added by this run
+    attempts: int  # rollouts run by this run (including discarded failures)
+    successes: int  # successful rollouts among them
+    env_steps: int  # simulator steps of all rollouts of this run
+    seconds: float  # wall time from start to the last append
+    first_result_seconds: float = 0.0  # wall time until the first episode came back (startup)
+    seeds: list[int] = field(default_factory=list)  # seeds of the episodes added
+
+
+# ---------------------------------------------------------------------------------------------
+# worker side
+_worker: dict = {}
+
+
+def _init_worker(task: str, obs: str, horizon: int | None, image_size: int, noise_std: float):
+    # one simulator thread per process: workers are the parallelism
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    _worker.update(task=task, noise_std=noise_std, error=None)
+    try:
+        from dopr.envs import tasks
+
+        _worker["env"] = tasks.make(task, obs=obs, horizon=horizon, image_size=image_size)
+    except Exception as err:  # noqa: BLE001 -- a raising Pool initializer respawns forever;
+        _worker["error"] = err  # report it with the first episode instead
+
+
+def rollout(env, expert, seed: int) -> dict:
+    """Run one expert episode from `env.reset(seed=seed)`; return stacked arrays and its info."""
+    obs, info = env.reset(seed=seed)
+    expert.reset()
+    noisy = getattr(expert, "noise_std", 0.0) > 0
+    steps: dict[str, list] = collections.defaultdict(list)
+    success = False
+    while True:
+        for key, value in obs.items():
+            steps[key].append(value)
+        steps["state"].append(env.get_state())
+        label = np.asarray(expert.act(env), dtype=np.float32)
+        steps[ACTION_KEY].append(label)
+        executed = label
+        if noisy:  # stored as executed (float32), so replaying it reproduces the episode exactly
+            executed = np.asarray(expert.noisy(label), dtype=np.float32)
+            steps[EXECUTED_ACTION_KEY].append(executed)
+        obs, reward, terminated, truncated, info = env.step(executed)
+        steps["reward"].append(reward)
+        if info.get("success", False):
+            success = True
+            break
+        if terminated or truncated:
+            break
+    episode = {key: np.stack(values) for key, values in steps.items()}
+    episode["reward"] = episode["reward"].astype(np.float32)
+    return {"episode": episode, "seed": seed, "success": success, "length": len(episode["reward"])}
+
+
+def _run_episode(seed: int) -> dict:
+    from dopr.envs import tasks
+
+    if _worker["error"] is not None:
+        raise RuntimeError(f"worker could not build task {_worker['task']!r}: {_worker['error']}")
+
+    expert = tasks.make_expert(_worker["task"], seed=seed, noise_std=_worker["noise_std"])
+    return rollout(_worker["env"], expert, seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# parent side
+def _versions() -> dict:
+    import importlib.metadata
+
+    versions = {}
+    for dist in ("dopr", "mujoco", "robosuite", "gymnasium", "numpy", "zarr"):
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = None
+    return versions
+
+
+def _obs_keys(cfg: CollectConfig, spec) -> list[str]:
+    return list(spec.lowdim_keys) + (list(spec.image_keys) if cfg.obs == "image" else [])
+
+
+def _store_attrs(cfg: CollectConfig, spec) -> dict:
+    obs_keys = _obs_keys(cfg, spec)
+    return {
+        "task": cfg.task,
+        "obs_keys": obs_keys,
+        "action_key": ACTION_KEY,
+        "control_freq": spec.control_freq,
+        "env_meta": {
+            "kind": spec.kind,
+            "env_id": spec.env_id,
+            "obs": cfg.obs,
+            "horizon": int(cfg.horizon or spec.horizon),
+            "image_size": cfg.image_size,
+            "action_dim": spec.action_dim,
+            "spec": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(spec).items()},
+        },
+        "versions": _versions(),
+        "collect": {
+            "seed": cfg.seed,
+            "noise_std": cfg.noise_std,
+            "keep_failed": cfg.keep_failed,
+            "action_is_clean_label": True,
+            "next_seed": cfg.seed,
+            "attempts": 0,
+        },
+        "episode_seeds": [],
+        "episode_success": [],
+    }
+
+
+def _open_or_create(cfg: CollectConfig, spec):
+    """The store at cfg.out (checked against this task and options), created if missing."""
+    from dopr.data.episode_store import EpisodeStore
+
+    if not Path(cfg.out).exists():
+        cfg.seed = 0 if cfg.seed is None else cfg.seed
+        return EpisodeStore.create(cfg.out, attrs=_store_attrs(cfg, spec))
+    store = EpisodeStore.open(cfg.out, mode="a")
+    attrs = store.attrs
+    if attrs.get("task") != cfg.task:
+        raise ValueError(
+            f"{cfg.out}: this store holds task {attrs.get('task')!r}, not {cfg.task!r}; "
+            "give another --out to collect a different task"
+        )
+    recorded = attrs.get("collect")
+    if recorded is None:
+        raise ValueError(f"{cfg.out}: attribute 'collect' missing: not a store written by dopr collect")
+    checks = {
+        "seed": (cfg.seed, recorded["seed"]),
+        "noise_std": (cfg.noise_std, recorded["noise_std"]),
+        "obs": (cfg.obs, attrs["env_meta"]["obs"]),
+    }
+    for name, (asked, stored) in checks.items():
+        if asked is not None and asked != stored:
+            raise ValueError(
+                f"{cfg.out}: was collected with {name}={stored!r}, but {name}={asked!r} was asked; "
+                f"resume with the same {name} or collect into a new store"
+            )
+    cfg.seed = recorded["seed"]
+    if cfg.horizon is not None and cfg.horizon != attrs["env_meta"]["horizon"]:
+        raise ValueError(f"{cfg.out}: was collected with horizon {attrs['env_meta']['horizon']}, "
+                         f"but horizon {cfg.horizon} was asked")
+    return store
+
+
+def _record(store, result: dict | None, next_seed: int, attempts: int) -> None:
+    """Write the collection bookkeeping before the episode itself is appended.
+
+    If the process dies between the two writes, the attrs list one seed more than the store has
+    episodes; readers use the first n_episodes entries, and next_seed is past the lost one, so no
+    seed is ever stored twice.
+    """
+    attrs = store.attrs
+    n = store.n_episodes
+    seeds = list(attrs.get("episode_seeds", []))[:n]
+    success = list(attrs.get("episode_success", []))[:n]
+    if result is not None:
+        seeds.append(int(result["seed"]))
+        success.append(bool(result["success"]))
+    collect = dict(attrs["collect"], next_seed=int(next_seed),
+                   attempts=int(attrs["collect"].get("attempts", 0)) + attempts)
+    _set_attrs(store, {"episode_seeds": seeds, "episode_success": success, "collect": collect})
+
+
+def _set_attrs(store, values: dict) -> None:
+    attrs = store.attrs
+    if hasattr(attrs, "put"):  # zarr: one metadata write for all keys
+        attrs.put({**attrs.asdict(), **values})
+    else:
+        attrs.update(values)
+
+
+def collect(cfg: CollectConfig) -> CollectSummary:
+    """Fill the store at cfg.out with cfg.n_episodes expert episodes of cfg.task (see module doc)."""
+    from tqdm import tqdm
+
+    from dopr.envs import tasks
+
+    spec = tasks.task_spec(cfg.task)  # KeyError with the known tasks for an unknown name
+    if cfg.obs not in ("lowdim", "image"):
+        raise ValueError(f"obs must be 'lowdim' or 'image', got {cfg.obs!r}")
+    if cfg.n_episodes < 0 or cfg.workers < 0:
+        raise ValueError("n_episodes and workers must be >= 0")
+    if cfg.obs == "image":
+        from dopr.envs.rendering import require_offscreen_rendering
+
+        require_offscreen_rendering()  # here, not as a failure in every worker
+    t0 = time.perf_counter()
+    store = _open_or_create(cfg, spec)
+    next_seed = int(store.attrs["collect"]["next_seed"])
+    start_episodes = store.n_episodes
+    needed = cfg.n_episodes - start_episodes
+    summary = CollectSummary(path=str(cfg.out), n_episodes=start_episodes, added=0, attempts=0,
+                             successes=0, env_steps=0, seconds=0.0)
+    if needed <= 0:
+        return summary
+    max_attempts = cfg.max_attempts or 10 * needed + 10
+    expected_keys = {*_obs_keys(cfg, spec), "state", ACTION_KEY, "reward"}
+    if cfg.noise_std > 0:
+        expected_keys.add(EXECUTED_ACTION_KEY)
+
+    init_args = (cfg.task, cfg.obs, cfg.horizon, cfg.image_size, cfg.noise_std)
+    pool = None
+    if cfg.workers > 0:
+        pool = multiprocessing.get_context("spawn").Pool(
+            cfg.workers, initializer=_init_worker, initargs=init_args)
+    bar = tqdm(total=cfg.n_episodes, initial=start_episodes, disable=not cfg.progress,
+               desc=f"collect {cfg.task}", unit="ep")
+    seeds = range(next_seed, next_seed + max_attempts)
+    try:
+        for result in _results_in_seed_order(pool, cfg.workers, init_args, seeds):
+            if summary.attempts == 0:
+                summary.first_result_seconds = time.perf_counter() - t0
+                if set(result["episode"]) != expected_keys:
+                    raise ValueError(
+                        f"{cfg.task}: the env returned keys {sorted(result['episode'])}, but its "
+                        f"TaskSpec promises {sorted(expected_keys)}"
+                    )
+            summary.attempts += 1
+            summary.env_steps += result["length"]
+            summary.successes += result["success"]
+            next_seed = result["seed"] + 1
+            keep = result["success"] or cfg.keep_failed
+            _record(store, result if keep else None, next_seed, attempts=1)
+            if keep:
+                store.append_episode(result["episode"])
+                summary.added += 1
+                summary.seeds.append(result["seed"])
+                bar.update(1)
+            bar.set_postfix(success=f"{summary.successes}/{summary.attempts}")
+            if summary.added >= needed:
+                break
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()  # episodes still in flight are abandoned: their seeds stay unused
+            pool.join()
+    summary.n_episodes = store.n_episodes
+    summary.seconds = time.perf_counter() - t0
+    if summary.added < needed:
+        raise RuntimeError(
+            f"{cfg.task}: only {summary.successes} of {summary.attempts} rollouts succeeded; "
+            f"{cfg.out} has {summary.n_episodes} of the {cfg.n_episodes} episodes asked. "
+            "Running the command again continues from there."
+        )
+    return summary
+
+
+def _results_in_seed_order(pool, workers: int, init_args: tuple, seeds: range):
+    """Yield rollout results for `seeds` in order until the caller stops, from the pool's workers
+    (at most 2 episodes per worker in flight) or, without a pool, from this process."""
+    if pool is None:
+        _init_worker(*init_args)
+        for seed in seeds:
+            yield _run_episode(seed)
+        return
+    in_flight = 2 * workers
+    pending = collections.deque()
+    seed_iter = iter(seeds)
+    for seed in seed_iter:
+        pending.append(pool.apply_async(_run_episode, (seed,)))
+        if len(pending) >= in_flight:
+            break
+    while pending:
+        result = pending.popleft().get()
+        seed = next(seed_iter, None)
+        if seed is not None:
+            pending.append(pool.apply_async(_run_episode, (seed,)))
+        yield result

@@ -1,0 +1,442 @@
+"""Scripted experts for the robosuite tasks: feedback pick-and-place over the OSC_POSE controller.
+
+Every expert is a *feedback* policy: `act(env)` reads the simulator (object poses, gripper pose,
+finger opening, robosuite's contact-based grasp check) and computes the action from that alone,
+so it can label any state, including states a learned policy reaches. Nothing is cached between
+calls; `reset()` exists for the interface.
+
+A task is a list of pick-and-place stages (lift: one stage that only lifts; nut_assembly: two).
+The first stage whose object is not yet placed (and released) is the active one; for it:
+
+- object not grasped -> *pick*: move above the grasp point with the gripper's yaw aligned to the
+  object's (mod its symmetry), descend inside a funnel (the allowed height above the grasp point
+  shrinks with the horizontal and yaw error), close when at the grasp point. Fingers closed on
+  nothing -> open and rise (retry).
+- object grasped -> *carry*: rise to a clearance height, move the object (not the hand) over its
+  target with the object's yaw aligned to the target's, descend inside the same kind of funnel,
+  open when the object is at its release point.
+- every stage placed -> retreat upwards with the gripper open (success checks of nut assembly and
+  pick-place want the hand away from the object).
+
+Noise: `noisy(action)` adds seeded Gaussian noise of std `noise_std` to the executed position
+deltas (the first 3 action dims); the clean `act` output is the label to store. With noise the
+demonstrations leave the nominal path and the feedback brings them back (recoveries).
+
+    python -m dopr.envs.robosuite_experts --task lift --episodes 100   # success rate of the expert
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from dopr.envs.task_spec import TaskSpec
+
+GRIP_OPEN, GRIP_CLOSE = -1.0, 1.0
+POS_SCALE = 0.05  # m per unit action (robosuite's default OSC_POSE output_max)
+ROT_SCALE = 0.5  # rad per unit action
+POS_GAIN = 2.0
+MAX_ROT_ACTION = 0.4
+HOVER = 0.15  # m above the grasp point while travelling (clears the 0.13 m tall pegs)
+RETREAT_Z = 1.1  # m, world height the hand retreats to when done (tables are at ~0.8 m)
+EMPTY_GRIP_WIDTH = 0.006  # finger opening (m) below which a closed gripper holds nothing
+
+
+def _wrap(angle: float) -> float:
+    return (angle + math.pi) % (2 * math.pi) - math.pi
+
+
+WRIST_MARGIN = 2.6  # rad, inside the Panda's joint 7 limit of 2.8973
+
+
+def _turn_for_wrist(target: float, current: float, period: float, wrist_now: float,
+                    base_turn: float) -> float:
+    """Yaw change reaching target + k * period that leaves the wrist joint farthest from its limit.
+
+    The gripper's yaw is about (joint 1) - (joint 7) + const, so turning the gripper by `turn`
+    while the arm's base joint turns by `base_turn` moves joint 7 by base_turn - turn. Symmetric
+    objects can be grasped at several yaws; this picks the one the wrist can reach comfortably.
+    """
+    nearest = (target - current + period / 2) % period - period / 2
+    candidates = [nearest + k * period for k in range(-3, 4)
+                  if abs(nearest + k * period) <= max(period / 2, 0.75 * math.pi)]
+    turn = min(candidates or [nearest], key=lambda turn: abs(wrist_now + base_turn - turn))
+    # never ask for more than the wrist can do (the goal is then only partly met, e.g. the round
+    # nut's handle direction, which is a preference, not a requirement)
+    wrist_after = np.clip(wrist_now + base_turn - turn, -WRIST_MARGIN, WRIST_MARGIN)
+    return float(wrist_now + base_turn - wrist_after)
+
+
+def _yaw_of(mat: np.ndarray) -> float:
+    """Yaw of a rotation's x axis in the world's horizontal plane."""
+    return math.atan2(mat[1, 0], mat[0, 0])
+
+
+def _quat_wxyz_to_mat(q: np.ndarray) -> np.ndarray:
+    w, x, y, z = q
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+def _rotvec(mat: np.ndarray) -> np.ndarray:
+    """Axis-angle vector of a rotation matrix."""
+    cos = np.clip((np.trace(mat) - 1) / 2, -1.0, 1.0)
+    angle = math.acos(cos)
+    if angle < 1e-8:
+        return np.zeros(3)
+    axis = np.array([mat[2, 1] - mat[1, 2], mat[0, 2] - mat[2, 0], mat[1, 0] - mat[0, 1]])
+    norm = np.linalg.norm(axis)
+    if norm < 1e-8:  # angle ~ pi: axis from the diagonal
+        axis = np.sqrt(np.clip((np.diag(mat) + 1) / 2, 0, None))
+        norm = np.linalg.norm(axis)
+    return axis / norm * angle
+
+
+def _down_with_yaw(yaw: float) -> np.ndarray:
+    """Gripper pointing straight down with its finger axis (site x) at `yaw`."""
+    c, s = math.cos(yaw), math.sin(yaw)
+    return np.array([[c, s, 0.0], [s, -c, 0.0], [0.0, 0.0, -1.0]])
+
+
+@dataclass
+class Stage:
+    """One pick-and-place: what to grasp, where to put it, and when it counts as placed.
+
+    grasp(env) -> (grip site target position, grasp yaw (None: any), yaw symmetry period)
+    place(env) -> (object target position at release, target object yaw or None, clearance z
+                   for the object while carrying); None means "only lift" (Lift).
+    placed(env) -> bool, the object is where the task wants it (checked with the hand open).
+    """
+
+    body: str  # the object's MuJoCo body name
+    geoms: object  # what robosuite's _check_grasp takes for this object
+    grasp: Callable
+    place: Callable
+    placed: Callable
+    release_tolerance: tuple[float, float] = (0.01, 0.015)  # xy, z (m) of the object at release
+
+
+class ScriptedExpert:
+    """Feedback pick-and-place expert over a list of stages (see the module docstring)."""
+
+    def __init__(self, stages: Callable[[object], list[Stage]], seed: int | None = None,
+                 noise_std: float = 0.0):
+        self._build_stages = stages
+        self.noise_std = float(noise_std)
+        self.rng = np.random.default_rng(seed)
+
+    def reset(self) -> None:
+        """Nothing is cached between calls; kept for the expert interface."""
+
+    def noisy(self, action: np.ndarray) -> np.ndarray:
+        """The action to execute: seeded Gaussian noise on the position deltas, clipped."""
+        if self.noise_std <= 0:
+            return action
+        executed = np.array(action, dtype=np.float64)
+        executed[:3] += self.noise_std * self.rng.standard_normal(3)
+        return np.clip(executed, -1.0, 1.0)
+
+    # --- the policy ----------------------------------------------------------------------------
+    def act(self, env) -> np.ndarray:
+        env = getattr(env, "unwrapped", env)
+        rs = env.robosuite_env
+        sim = env.sim
+        gripper = rs.robots[0].gripper["right"]
+        site = rs.robots[0].eef_site_id["right"]
+        eef = np.array(sim.data.site_xpos[site])
+        eef_mat = np.array(sim.data.site_xmat[site]).reshape(3, 3)
+        qpos = sim.data.qpos[rs.robots[0]._ref_gripper_joint_pos_indexes["right"]]
+        width = float(qpos[0] - qpos[1])
+
+        for stage in self._build_stages(rs):
+            grasped = bool(rs._check_grasp(gripper=gripper, object_geoms=stage.geoms))
+            if grasped or not stage.placed(rs):
+                break
+        else:  # everything placed and released: get the hand out of the way
+            target = np.array([eef[0], eef[1], max(eef[2], RETREAT_Z)])
+            return self._action(eef, eef_mat, target, 0.0, GRIP_OPEN)
+
+        robot = rs.robots[0]
+        self._wrist = float(sim.data.qpos[robot._ref_joint_pos_indexes[-1]])
+        self._base = np.array(sim.data.body_xpos[sim.model.body_name2id(robot.robot_model.root_body)])
+        if grasped:
+            return self._carry(rs, sim, stage, eef, eef_mat)
+        return self._pick(rs, stage, eef, eef_mat, width)
+
+    def _base_turn(self, start: np.ndarray, goal: np.ndarray) -> float:
+        """How much the arm's base joint turns when the hand moves from start to goal."""
+        a = math.atan2(start[1] - self._base[1], start[0] - self._base[0])
+        b = math.atan2(goal[1] - self._base[1], goal[0] - self._base[0])
+        return _wrap(b - a)
+
+    def _pick(self, rs, stage: Stage, eef, eef_mat, width) -> np.ndarray:
+        grasp_pos, obj_yaw, period = stage.grasp(rs)
+        turn = 0.0  # rotationally symmetric objects are grasped at any yaw
+        if obj_yaw is not None:
+            turn = _turn_for_wrist(obj_yaw, _yaw_of(eef_mat), period, self._wrist,
+                                   self._base_turn(eef, grasp_pos))
+        xy_err = float(np.linalg.norm(grasp_pos[:2] - eef[:2]))
+        if width < EMPTY_GRIP_WIDTH and eef[2] < grasp_pos[2] + 0.07:
+            # closed on nothing: open and back off upwards, then try again
+            target = np.array([eef[0], eef[1], grasp_pos[2] + 0.08])
+            return self._action(eef, eef_mat, target, turn, GRIP_OPEN)
+        allowed = min(HOVER, 4.0 * max(0.0, xy_err - 0.004) + 0.2 * max(0.0, abs(turn) - 0.05))
+        target_z = grasp_pos[2] + allowed
+        if xy_err > 0.02 and eef[2] < target_z - 0.02:
+            target = np.array([eef[0], eef[1], target_z])  # rise before moving sideways
+        else:
+            target = np.array([grasp_pos[0], grasp_pos[1], target_z])
+        at_grasp = xy_err < 0.01 and eef[2] - grasp_pos[2] < 0.01 and abs(turn) < 0.1
+        return self._action(eef, eef_mat, target, turn, GRIP_CLOSE if at_grasp else GRIP_OPEN)
+
+    def _carry(self, rs, sim, stage: Stage, eef, eef_mat) -> np.ndarray:
+        body = sim.model.body_name2id(stage.body)
+        obj = np.array(sim.data.body_xpos[body])
+        goal, goal_yaw, clearance_z = stage.place(rs)
+        turn = 0.0
+        if goal_yaw is not None:  # turn the hand by what the object still has to turn
+            obj_yaw = _yaw_of(_quat_wxyz_to_mat(sim.data.body_xquat[body]))
+            turn = _turn_for_wrist(goal_yaw[0], obj_yaw, goal_yaw[1], self._wrist,
+                                   self._base_turn(obj, goal))
+        xy_err = float(np.linalg.norm(goal[:2] - obj[:2]))
+        tol_xy, tol_z = stage.release_tolerance
+        # steep funnel: the object goes down only when it is nearly over its goal (a nut must
+        # meet its peg within a few millimetres)
+        allowed = 20.0 * max(0.0, xy_err - tol_xy / 2) + 0.3 * max(0.0, abs(turn) - 0.03)
+        obj_target_z = min(clearance_z, goal[2] + allowed)
+        if xy_err > 2 * tol_xy and obj[2] < clearance_z - 0.02:
+            obj_target = np.array([obj[0], obj[1], clearance_z])  # rise before moving sideways
+        else:
+            obj_target = np.array([goal[0], goal[1], obj_target_z])
+        release = xy_err < tol_xy and obj[2] - goal[2] < tol_z and abs(turn) < 0.1
+        target = eef + (obj_target - obj)
+        return self._action(eef, eef_mat, target, turn, GRIP_OPEN if release else GRIP_CLOSE)
+
+    @staticmethod
+    def _action(eef, eef_mat, target, turn, grip) -> np.ndarray:
+        """Move the grip site toward `target`, keep the hand pointing down, turn its yaw by `turn`."""
+        # OSC_POSE's goal is "here + delta" with a stiffness of 150 N/m: a delta equal to the
+        # position error cannot hold a payload up, so command twice the error (speed still capped)
+        delta = POS_GAIN * (np.asarray(target) - eef) / POS_SCALE
+        norm = np.linalg.norm(delta)
+        if norm > 1.0:  # keep the direction, cap the speed
+            delta = delta / norm
+        # tilt back to vertical at the current yaw, plus a yaw turn about the world z axis; kept
+        # apart so that large turns do not hit the axis-angle ambiguity near pi
+        rot = _rotvec(_down_with_yaw(_yaw_of(eef_mat)) @ eef_mat.T) + np.array([0.0, 0.0, turn])
+        # slow turns: fast yaw commands let the OSC tilt the hand and fold the wrist
+        rot = np.clip(rot / ROT_SCALE, -MAX_ROT_ACTION, MAX_ROT_ACTION)
+        return np.concatenate([delta, rot, [grip]]).astype(np.float64)
+
+
+# --- the tasks -----------------------------------------------------------------------------------
+def _body_pos(rs, name):
+    return np.array(rs.sim.data.body_xpos[rs.sim.model.body_name2id(name)])
+
+
+def _body_yaw(rs, name):
+    return _yaw_of(_quat_wxyz_to_mat(rs.sim.data.body_xquat[rs.sim.model.body_name2id(name)]))
+
+
+def _lift_stages(rs) -> list[Stage]:
+    cube = rs.cube.root_body
+    lift_z = rs.table_offset[2] + 0.12
+    return [Stage(
+        body=cube,
+        geoms=rs.cube,
+        grasp=lambda rs: (_body_pos(rs, cube), _body_yaw(rs, cube), math.pi / 2),
+        # keep the cube where it is in the plane, only raise it: never "placed", hold it up
+        place=lambda rs: (np.r_[_body_pos(rs, cube)[:2], lift_z], None, lift_z),
+        placed=lambda rs: False,
+        release_tolerance=(-1.0, -1.0),  # never release
+    )]
+
+
+def _can_stages(rs) -> list[Stage]:
+    can = rs.objects[rs.object_to_id["can"]]
+    body, obj_id = can.root_body, rs.object_to_id["can"]
+    # The can's quadrant of bin 2 (robosuite's not_in_bin): aim near its corner closest to the
+    # robot, since its centre lies at the edge of the Panda's reach.
+    x_low = rs.bin2_pos[0] - (rs.bin_size[0] / 2 if obj_id in (0, 2) else 0.0)
+    y_low = rs.bin2_pos[1] - (rs.bin_size[1] / 2 if obj_id < 2 else 0.0)
+    target = np.array([x_low + 0.06, y_low + 0.07])
+    bin_z = rs.bin2_pos[2]
+    return [Stage(
+        body=body,
+        geoms=can,
+        grasp=lambda rs: (_body_pos(rs, body) + np.array([0, 0, 0.01]), None, 2 * math.pi),
+        place=lambda rs: (np.array([target[0], target[1], bin_z + 0.09]), None, bin_z + 0.2),
+        placed=lambda rs: not rs.not_in_bin(_body_pos(rs, body), obj_id),
+        release_tolerance=(0.03, 0.03),
+    )]
+
+
+def _nut_stage(rs, nut_index: int) -> Stage:
+    nut = rs.nuts[nut_index]
+    body = nut.root_body
+    handle = nut.important_sites["handle"]
+    peg_body = rs.peg1_body_id if nut_index == 0 else rs.peg2_body_id
+    square = "square" in nut.name.lower()
+    table_z = rs.table_offset[2]
+
+    def grasp(rs):
+        center = _body_pos(rs, body)
+        handle_pos = np.array(rs.sim.data.site_xpos[rs.sim.model.site_name2id(handle)])
+        radial = math.atan2(handle_pos[1] - center[1], handle_pos[0] - center[0])
+        # fingers close across the handle: finger axis perpendicular to the handle's length
+        return handle_pos, radial + math.pi / 2, math.pi
+
+    def place(rs):
+        # The pegs are at the edge of the Panda's reach: bring the nut with its handle (where the
+        # hand is) pointing back at the robot, which keeps the elbow away from full extension.
+        # The square nut fits the axis-aligned square peg at body yaws k * 90 degrees.
+        peg = np.array(rs.sim.data.body_xpos[peg_body])
+        center = _body_pos(rs, body)
+        handle_pos = np.array(rs.sim.data.site_xpos[rs.sim.model.site_name2id(handle)])
+        handle_offset = math.atan2(handle_pos[1] - center[1], handle_pos[0] - center[0]) \
+            - _body_yaw(rs, body)
+        base = _body_pos(rs, rs.robots[0].robot_model.root_body)
+        toward_base = math.atan2(base[1] - peg[1], base[0] - peg[0])
+        goal_yaw = toward_base - handle_offset
+        if square:
+            goal_yaw = min((k * math.pi / 2 for k in range(4)),
+                           key=lambda yaw: abs(_wrap(yaw - goal_yaw)))
+        return (np.array([peg[0], peg[1], table_z + 0.03]), (goal_yaw, 2 * math.pi),
+                table_z + 0.17)
+
+    return Stage(
+        body=body,
+        geoms=nut,
+        grasp=grasp,
+        place=place,
+        placed=lambda rs: rs.on_peg(_body_pos(rs, body), nut_index),
+        release_tolerance=(0.006, 0.02),
+    )
+
+
+def _square_stages(rs) -> list[Stage]:
+    return [_nut_stage(rs, 0)]
+
+
+def _nut_assembly_stages(rs) -> list[Stage]:
+    return [_nut_stage(rs, 0), _nut_stage(rs, 1)]
+
+
+def _stack_stages(rs) -> list[Stage]:
+    a, b = rs.cubeA.root_body, rs.cubeB.root_body
+    rest = rs.cubeA.size[2] + rs.cubeB.size[2]
+
+    def placed(rs):
+        pa, pb = _body_pos(rs, a), _body_pos(rs, b)
+        return bool(rs.check_contact(rs.cubeA, rs.cubeB)) and pa[2] > pb[2] + 0.5 * rest
+
+    return [Stage(
+        body=a,
+        geoms=rs.cubeA,
+        grasp=lambda rs: (_body_pos(rs, a), _body_yaw(rs, a), math.pi / 2),
+        place=lambda rs: (_body_pos(rs, b) + np.array([0, 0, rest + 0.005]),
+                          (_body_yaw(rs, b), math.pi / 2), _body_pos(rs, b)[2] + rest + 0.06),
+        placed=placed,
+        release_tolerance=(0.008, 0.012),
+    )]
+
+
+STAGES = {
+    "lift": _lift_stages,
+    "can": _can_stages,
+    "square": _square_stages,
+    "stack": _stack_stages,
+    "nut_assembly": _nut_assembly_stages,
+}
+
+
+def make_robosuite_expert(spec: TaskSpec, seed: int | None = None,
+                          noise_std: float = 0.0) -> ScriptedExpert:
+    if spec.name not in STAGES:
+        raise ValueError(f"no scripted expert for robosuite task {spec.name!r}; "
+                         f"known: {sorted(STAGES)}")
+    return ScriptedExpert(STAGES[spec.name], seed=seed, noise_std=noise_std)
+
+
+# --- measuring the experts -----------------------------------------------------------------------
+def run_episode(env, expert, seed: int, horizon: int | None = None,
+                stop_on_success: bool = True) -> dict:
+    """One seeded expert episode; returns success, steps and the recorded states/actions."""
+    obs, info = env.reset(seed=seed)
+    expert.reset()
+    horizon = horizon or env.horizon
+    states, actions, success = [env.get_state()], [], False
+    for _ in range(horizon):
+        action = expert.noisy(expert.act(env))
+        obs, _, terminated, truncated, info = env.step(action)
+        actions.append(action)
+        states.append(env.get_state())
+        if info["success"]:
+            success = True
+            if stop_on_success:
+                break
+        if terminated or truncated:
+            break
+    return {"success": success, "steps": len(actions), "states": np.array(states),
+            "actions": np.array(actions)}
+
+
+def measure_success(task: str, episodes: int = 100, first_seed: int = 0, noise_std: float = 0.0,
+                    progress: bool = True) -> dict:
+    """Success of the scripted expert on `episodes` seeded episodes (seeds first_seed, ...)."""
+    from tqdm import tqdm
+
+    from dopr.envs.tasks import make, make_expert
+
+    env = make(task)
+    expert = make_expert(task, seed=first_seed, noise_std=noise_std)
+    successes, steps, failed = 0, [], []
+    start = time.perf_counter()
+    bar = tqdm(range(first_seed, first_seed + episodes), desc=f"{task} expert",
+               disable=not progress)
+    for seed in bar:
+        result = run_episode(env, expert, seed)
+        successes += result["success"]
+        steps.append(result["steps"])
+        if not result["success"]:
+            failed.append(seed)
+        bar.set_postfix(success=f"{successes}/{seed - first_seed + 1}")
+    seconds = time.perf_counter() - start
+    return {"task": task, "episodes": episodes, "successes": successes,
+            "success_rate": successes / episodes, "mean_steps": float(np.mean(steps)),
+            "max_steps": int(np.max(steps)), "failed_seeds": failed,
+            "steps_per_s": float(np.sum(steps) / seconds), "seconds": seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m dopr.envs.robosuite_experts",
+        description="Measure the scripted experts' success on seeded episodes (seeds "
+                    "first-seed ... first-seed+episodes-1), no rendering.")
+    parser.add_argument("--task", action="append", choices=sorted(STAGES),
+                        help="task to measure (repeatable; default: all robosuite tasks)")
+    parser.add_argument("--episodes", type=int, default=100)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--noise-std", type=float, default=0.0,
+                        help="Gaussian noise std on the executed position deltas")
+    args = parser.parse_args(argv)
+    for task in args.task or sorted(STAGES):
+        r = measure_success(task, args.episodes, args.first_seed, args.noise_std)
+        print(f"{task}: {r['successes']}/{r['episodes']} successful "
+              f"({100 * r['success_rate']:.0f}%), mean {r['mean_steps']:.0f} steps "
+              f"(max {r['max_steps']}), {r['steps_per_s']:.0f} steps/s, "
+              f"failed seeds {r['failed_seeds'][:20]}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

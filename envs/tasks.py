@@ -1,0 +1,49 @@
+"""The task registry: every task dopr knows, by name, robosuite and gymnasium alike.
+
+    env = dopr.envs.make("lift", seed=0)            # gymnasium.Env, dict observations
+    spec = dopr.envs.task_spec("lift")              # horizon, keys, action_dim, ...
+    expert = dopr.envs.make_expert("lift", seed=0)  # feedback policy: expert.act(env) -> action
+"""
+
+from __future__ import annotations
+
+from dopr.envs.gym_env import GYM_TASKS, make_gym_env
+from dopr.envs.gym_experts import make_gym_expert
+from dopr.envs.robosuite_env import ROBOSUITE_TASKS, make_robosuite_env
+from dopr.envs.robosuite_experts import make_robosuite_expert
+from dopr.envs.task_spec import TaskSpec
+
+TASKS: dict[str, TaskSpec] = {**ROBOSUITE_TASKS, **GYM_TASKS}
+
+
+def list_tasks() -> list[str]:
+    return sorted(TASKS)
+
+
+def task_spec(name: str) -> TaskSpec:
+    if name not in TASKS:
+        raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}")
+    return TASKS[name]
+
+
+def make(name: str, seed: int | None = None, obs: str = "lowdim", horizon: int | None = None,
+         image_size: int = 84, **kw):
+    """Build task `name` as a gymnasium.Env; `seed` fixes the first reset's initial state.
+
+    obs="lowdim" gives the spec's lowdim_keys; obs="image" adds its image_keys (uint8 HxWx3),
+    which needs offscreen rendering (dopr.envs.rendering). `horizon` overrides the spec's.
+    Extra keywords go to the simulator wrapper (e.g. hard_reset, model_seed for robosuite).
+    """
+    spec = task_spec(name)
+    if spec.kind == "robosuite":
+        return make_robosuite_env(spec, seed=seed, obs=obs, horizon=horizon,
+                                  image_size=image_size, **kw)
+    return make_gym_env(spec, seed=seed, obs=obs, horizon=horizon, image_size=image_size, **kw)
+
+
+def make_expert(name: str, seed: int | None = None, noise_std: float = 0.0):
+    """The scripted/controller expert of task `name`: `reset()`, `act(env)`, `noisy(action)`."""
+    spec = task_spec(name)
+    if spec.kind == "robosuite":
+        return make_robosuite_expert(spec, seed=seed, noise_std=noise_std)
+    return make_gym_expert(spec, seed=seed, noise_std=noise_std)

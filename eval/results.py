@@ -1,0 +1,138 @@
+"""What an evaluation leaves on disk, and how it is written without ever leaving half a file.
+
+<out_dir>/results.json     summary + protocol (checkpoint, task, seeds, horizon, init, versions),
+                           written atomically (temp file, then rename) at the end or on Ctrl-C
+<out_dir>/episodes.jsonl   one line per finished episode, appended (and flushed) as it finishes,
+                           so an interrupted evaluation keeps every finished episode
+<out_dir>/videos/          episode_XXXX.mp4 of the first K episodes
+By default out_dir is <checkpoint>/eval.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+
+RESULTS_FILE = "results.json"
+EPISODES_FILE = "episodes.jsonl"
+COMPOUNDING_FILE = "compounding_error.json"
+
+
+@dataclass
+class EvalResult:
+    task: str
+    n_episodes: int
+    n_success: int
+    success_rate: float
+    ci_low: float  # 95% Wilson interval of the success rate
+    ci_high: float
+    mean_return: float
+    mean_length: float
+    time_to_success: float | None  # mean control steps to the first success, successful episodes only
+    n_errors: int  # episodes lost to a worker fault (counted as failures)
+    protocol: dict = field(default_factory=dict)  # checkpoint, seeds, horizon, init, versions, ...
+    timing: dict = field(default_factory=dict)  # wall_s, env_steps_per_s, policy_ms_per_call, ...
+    interrupted: bool = False
+    episodes: list[dict] = field(default_factory=list)  # per-episode records, in episode order
+    out_dir: str | None = None
+    action_errors: dict = field(default_factory=dict)  # episode -> |action - expert label| per step
+
+    def summary(self) -> dict:
+        """What results.json holds: everything but the per-episode lists."""
+        d = asdict(self)
+        d.pop("episodes")
+        d.pop("action_errors")
+        return d
+
+    def describe(self) -> str:
+        tts = "-" if self.time_to_success is None else f"{self.time_to_success:.1f}"
+        return (f"{self.task}: success {self.n_success}/{self.n_episodes} = {self.success_rate:.3f} "
+                f"(95% CI {self.ci_low:.3f}-{self.ci_high:.3f}), mean return {self.mean_return:.3f}, "
+                f"mean length {self.mean_length:.1f}, time to success {tts}, worker faults {self.n_errors}")
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write JSON to a temp file in the same folder, fsync, then rename over `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=_json_default)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(x):
+    import numpy as np
+
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"{type(x).__name__} is not JSON serializable")
+
+
+class EpisodeLog:
+    """episodes.jsonl, appended one line per finished episode (truncated when an evaluation starts)."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self._f = None
+        if path is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self._f = open(path, "w")
+
+    def append(self, record: dict) -> None:
+        if self._f is not None:
+            self._f.write(json.dumps(record, default=_json_default) + "\n")
+            self._f.flush()
+
+    def rewrite_sorted(self, records: list[dict]) -> None:
+        """At the end, replace the file (atomically) by the records in episode order."""
+        if self.path is None:
+            return
+        self.close()
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(self.path)), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            for r in sorted(records, key=lambda r: r["episode"]):
+                f.write(json.dumps(r, default=_json_default) + "\n")
+        os.replace(tmp, self.path)
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+def read_episodes(path: str) -> list[dict]:
+    """Episodes of episodes.jsonl; a torn last line (process killed mid-write) is skipped."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def library_versions() -> dict:
+    """Versions of what decides a rollout, read from package metadata (no heavy imports)."""
+    versions = {"python": sys.version.split()[0]}
+    for pkg in ("dopr", "torch", "mujoco", "robosuite", "gymnasium", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return versions

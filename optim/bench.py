@@ -1,0 +1,202 @@
+"""`dopr bench optim`: the cost of DoPr against AdamW, measured side by side in one run.
+
+1. Whole training steps (forward, backward, optimizer step) of an MLP BC policy and of the
+   diffusion policy's 1D-conv UNet (dopr.policies.unet1d) with AdamW, DoPr-AdamW and DoPr-Muon.
+   The optimizers take turns (interleaved, rotating order) so machine noise hits all of them alike;
+   each timed block is a whole number of refresh periods, so the factorization's cost is amortized
+   as in training. Printed: median time per step and memory, as ratios to AdamW.
+2. The optimizer step alone on one Linear(w, w) layer, batch 256, for widths 256 .. 4096.
+
+Memory: on CUDA the peak allocated during the timed steps (above what was resident before); on CPU,
+where torch keeps no allocator statistics, the bytes held between steps (parameters, gradients,
+optimizer state including DoPr's statistics and factors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="dopr bench optim", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda")
+    p.add_argument("--optimizers", nargs="+", default=["adamw", "dopr-adamw", "muon", "dopr-muon"],
+                   help="optimizers to compare (first one is the reference for the ratios)")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds; the median is reported")
+    p.add_argument("--periods", type=int, default=1, help="refresh periods (precond_every steps) per timed block")
+    p.add_argument("--batch", type=int, default=256, help="MLP batch size")
+    p.add_argument("--obs-dim", type=int, default=19, help="MLP observation size")
+    p.add_argument("--width", type=int, default=256, help="MLP hidden width")
+    p.add_argument("--depth", type=int, default=3, help="MLP hidden layers")
+    p.add_argument("--unet-dims", type=int, nargs="+", default=[64, 128, 256],
+                   help="UNet down_dims (the diffusion policy's full size is 256 512 1024: minutes per step on one CPU thread)")
+    p.add_argument("--unet-batch", type=int, default=64, help="UNet batch size")
+    p.add_argument("--horizon", type=int, default=16, help="UNet action horizon")
+    p.add_argument("--no-unet", action="store_true", help="skip the UNet")
+    p.add_argument("--widths", type=int, nargs="*", default=[256, 512, 1024, 2048, 4096],
+                   help="layer widths for the optimizer-step scaling table (none to skip)")
+    p.add_argument("--damping", type=float, default=None, help="DoPr damping (default: DoPr's)")
+    p.add_argument("--stats", choices=["batch", "ema"], default=None, help="DoPr statistics mode (default: DoPr's)")
+    p.add_argument("--stats-every", type=int, default=None, help="DoPr stats_every (default: DoPr's)")
+    p.add_argument("--precond-every", type=int, default=None, help="DoPr precond_every (default: DoPr's)")
+    return p.parse_args(argv)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    from torch import nn
+
+    from dopr.optim import DoPr, build
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    dopr_kw = {k: v for k, v in dict(damping=args.damping, stats=args.stats, stats_every=args.stats_every,
+                                      precond_every=args.precond_every).items() if v is not None}
+    defaults = DoPr.__init__.__defaults__  # report the settings actually measured
+    names = DoPr.__init__.__code__.co_varnames[2:2 + len(defaults)]
+    settings = {**dict(zip(names, defaults)), **dopr_kw}
+    period = settings["precond_every"] * settings["stats_every"] // _gcd(settings["precond_every"], settings["stats_every"])
+    steps = period * args.periods
+    print(f"device {device}, {args.threads} thread(s); DoPr damping={settings['damping']} stats={settings['stats']} "
+          f"stats_every={settings['stats_every']} precond_every={settings['precond_every']}; "
+          f"{steps} steps per timed block, median of {args.repeats} interleaved rounds")
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def compare(title, make_model, make_loss):
+        runs = {}
+        for name in args.optimizers:
+            model = make_model().to(device)
+            opt = build(name, model, lr=1e-4, **(dopr_kw if name.startswith("dopr") else {}))
+            runs[name] = dict(model=model, opt=opt, times=[], peaks=[])
+            _train(model, opt, make_loss, steps)  # warm-up: the first refresh, allocator, caches
+        for r in range(args.repeats):
+            order = args.optimizers[r % len(args.optimizers):] + args.optimizers[:r % len(args.optimizers)]
+            for name in order:
+                run = runs[name]
+                if device.type == "cuda":
+                    sync()
+                    base = torch.cuda.memory_allocated()
+                    torch.cuda.reset_peak_memory_stats()
+                sync()
+                t0 = time.perf_counter()
+                _train(run["model"], run["opt"], make_loss, steps)
+                sync()
+                run["times"].append((time.perf_counter() - t0) / steps)
+                run["peaks"].append(torch.cuda.max_memory_allocated() - base if device.type == "cuda"
+                                    else _held_bytes(run["model"], run["opt"]))
+        ref = args.optimizers[0]
+        t_ref = statistics.median(runs[ref]["times"])
+        m_ref = max(runs[ref]["peaks"])
+        mem = "peak MiB" if device.type == "cuda" else "held MiB"
+        print(f"\n{title}\n  {'optimizer':<12} {'ms/step':>9} {'time x':>7} {mem:>9} {'mem x':>6}")
+        for name, run in runs.items():
+            t, m = statistics.median(run["times"]), max(run["peaks"])
+            print(f"  {name:<12} {1e3 * t:9.2f} {t / t_ref:7.2f} {m / 2**20:9.1f} {m / m_ref:6.2f}")
+        del runs
+
+    # ---- 1. whole training steps
+    obs_dim, act_dim = args.obs_dim, 7
+
+    def make_mlp():
+        torch.manual_seed(0)
+        layers, d = [], obs_dim
+        for _ in range(args.depth):
+            layers += [nn.Linear(d, args.width), nn.Mish()]
+            d = args.width
+        return nn.Sequential(*layers, nn.Linear(d, act_dim))
+
+    x = torch.randn(args.batch, obs_dim, device=device)
+    y = torch.randn(args.batch, act_dim, device=device)
+    compare(f"MLP {obs_dim}-{'x'.join([str(args.width)] * args.depth)}-{act_dim}, batch {args.batch}",
+            make_mlp, lambda m: nn.functional.mse_loss(m(x), y))
+
+    if not args.no_unet:
+        from dopr.policies.unet1d import ConditionalUnet1D
+
+        a_dim, cond_dim, b = 10, 2 * obs_dim, args.unet_batch
+        sample = torch.randn(b, args.horizon, a_dim, device=device)
+        t = torch.randint(0, 100, (b,), device=device)
+        cond = torch.randn(b, cond_dim, device=device)
+
+        def make_unet():
+            torch.manual_seed(0)
+            return ConditionalUnet1D(a_dim, cond_dim, down_dims=tuple(args.unet_dims))
+
+        n_params = sum(p.numel() for p in make_unet().parameters())
+        compare(f"1D-conv UNet down_dims={tuple(args.unet_dims)} ({n_params / 1e6:.1f}M params), horizon {args.horizon}, "
+                f"batch {b}", make_unet, lambda m: nn.functional.mse_loss(m(sample, t, cond), sample))
+
+    # ---- 2. optimizer-step cost against layer width
+    if args.widths:
+        dopr_names = [n for n in args.optimizers if n.startswith("dopr")]
+        print(f"\nOptimizer step on one Linear(w, w), batch 256, ms per step (amortized over {steps} steps); "
+              f"x = whole step (fwd+bwd+opt) / {args.optimizers[0]}'s")
+        print("  " + f"{'width':>6} {'fwd+bwd':>9} " + " ".join(f"{n:>12}" for n in args.optimizers)
+              + " " + " ".join(f"{n + ' x':>13}" for n in dopr_names))
+        for w in args.widths:
+            xw = torch.randn(256, w, device=device)
+            fb, opt_ms = [], {}
+            for name in args.optimizers:
+                torch.manual_seed(0)
+                layer = nn.Linear(w, w).to(device)
+                opt = build(name, layer, lr=1e-4, **(dopr_kw if name.startswith("dopr") else {}))
+                step_times = []
+                for _ in range(steps + 1):  # + 1: the first step is a warm-up
+                    sync()
+                    t0 = time.perf_counter()
+                    opt.zero_grad()
+                    layer(xw).square().mean().backward()
+                    sync()
+                    t1 = time.perf_counter()
+                    opt.step()
+                    sync()
+                    fb.append(t1 - t0)
+                    step_times.append(time.perf_counter() - t1)
+                opt_ms[name] = 1e3 * sum(step_times[1:]) / steps
+                del layer, opt
+            f = 1e3 * statistics.median(fb)
+            ref = opt_ms[args.optimizers[0]]
+            print("  " + f"{w:>6} {f:9.2f} " + " ".join(f"{opt_ms[n]:12.2f}" for n in args.optimizers) + " "
+                  + " ".join(f"{(f + opt_ms[n]) / (f + ref):13.2f}" for n in dopr_names), flush=True)
+    return 0
+
+
+def _gcd(a: int, b: int) -> int:
+    import math
+
+    return math.gcd(a, b)
+
+
+def _train(model, opt, make_loss, steps: int) -> None:
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        make_loss(model).backward()
+        opt.step()
+
+
+def _held_bytes(model, opt) -> int:
+    import torch
+
+    tensors = {id(p): p for p in model.parameters()}
+    tensors.update({id(p.grad): p.grad for p in model.parameters() if p.grad is not None})
+    for state in opt.state.values():
+        tensors.update({id(v): v for v in state.values() if torch.is_tensor(v)})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

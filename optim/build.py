@@ -1,0 +1,41 @@
+"""`build(name, model, **kw)`: every optimizer the toolkit compares, behind one interface."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .dopr import DoPr
+
+OPTIMIZERS = ("dopr-adamw", "dopr-muon", "adamw", "muon")
+ADAMW_OPTIONS = {"lr", "weight_decay", "betas", "eps"}
+MUON_OPTIONS = {"momentum", "nesterov", "ns_steps", "adjust_lr_fn", "adamw_lr"}
+AP_OPTIONS = {"damping", "stats", "stat_decay", "stats_every", "precond_every", "damping_floor", "exclude"}
+DOPR_OPTIONS = ADAMW_OPTIONS | MUON_OPTIONS | AP_OPTIONS | {"skip_nonfinite"}
+
+
+def build(name: str = "dopr-adamw", model: nn.Module | None = None, **kw) -> torch.optim.Optimizer:
+    """Build optimizer `name` over `model`'s trainable parameters.
+
+    kw: lr, weight_decay, betas, eps; Muon's momentum, nesterov, ns_steps, adjust_lr_fn, adamw_lr; DoPr's
+    damping, stats, stat_decay, stats_every, precond_every, damping_floor, exclude, skip_nonfinite (see
+    DoPr). Options that do not apply to `name` are ignored, so one config serves every name; unknown
+    options raise. "adamw" is torch.optim.AdamW itself; "muon" is DoPr with AP off: Muon
+    (torch.optim.Muon's math) on every Linear/Conv weight and AdamW on the rest, as one optimizer object.
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"build({name!r}, model): model must be an nn.Module, got {type(model).__name__}")
+    unknown = set(kw) - DOPR_OPTIONS
+    if unknown:
+        raise TypeError(f"build({name!r}): unknown option(s) {sorted(unknown)}; known: {sorted(DOPR_OPTIONS)}")
+    if name == "adamw":
+        kw = {k: v for k, v in kw.items() if k in ADAMW_OPTIONS}
+        kw.setdefault("weight_decay", 1e-2)
+        if not kw.get("lr", 1e-3) >= 0:
+            raise ValueError(f"build('adamw'): lr must be >= 0, got {kw['lr']}")
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **kw)
+    if name == "muon":
+        kw = {k: v for k, v in kw.items() if k not in AP_OPTIONS}
+    return DoPr(model, base="muon" if name.endswith("muon") else "adamw", precondition=name.startswith("dopr"), **kw)

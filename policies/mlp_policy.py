@@ -1,0 +1,33 @@
+"""MLP behavior cloning: observation history (To steps) -> action chunk (Tp steps), MSE in normalized units."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dopr.policies.config import PolicyConfig
+from dopr.policies.policy import Policy
+
+
+class MLPPolicy(Policy):
+    def __init__(self, config: PolicyConfig, stats: dict | None = None):
+        super().__init__(config, stats)
+        layers, width = [], self.obs_encoder.output_dim
+        for _ in range(config.mlp_layers):
+            layers += [nn.Linear(width, config.mlp_hidden_dim), nn.Mish()]
+            width = config.mlp_hidden_dim
+        layers.append(nn.Linear(width, config.horizon * config.action_dim))
+        self.net = nn.Sequential(*layers)
+
+    def _predict_normalized(self, obs: dict) -> torch.Tensor:
+        cfg = self.config
+        return self.net(self.encode_obs(obs)).reshape(-1, cfg.horizon, cfg.action_dim)
+
+    def compute_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        target = self._check_action(batch["action"])
+        return F.mse_loss(self._predict_normalized(batch["obs"]), target)
+
+    @torch.no_grad()
+    def sample_chunk(self, obs: dict, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.normalizer.unnormalize("action", self._predict_normalized(obs))

@@ -1,0 +1,130 @@
+"""`dopr data info|import-robomimic|check-replay`: look into, import and verify episode stores."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "data",
+        help="inspect, import and verify episode stores (zarr)",
+        description="Tools for episode stores: zarr groups with data/<key> arrays concatenated over "
+        "time and meta/episode_ends (diffusion_policy's layout; zarr v2 and v3 stores open).",
+    )
+    p.set_defaults(func=main)
+    cmds = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+
+    info = cmds.add_parser("info", help="episodes, steps, keys, shapes, dtypes, per-key statistics, attrs",
+                           description="Print a store's episodes and steps, each key's per-step shape, dtype, "
+                           "chunks and statistics (min/max/mean/std over all its values), and its attributes.")
+    info.add_argument("path", help="the store (a .zarr folder)")
+    info.add_argument("--full", action="store_true", help="also scan every float array for NaN/inf")
+    info.add_argument("--per-dim", action="store_true", help="print statistics per feature dimension")
+    info.add_argument("--images", action="store_true", help="also compute statistics of image keys (slow)")
+    info.set_defaults(action=main_info)
+
+    imp = cmds.add_parser("import-robomimic", help="convert a robomimic hdf5 dataset to an episode store",
+                          description="Convert robomimic's hdf5 (data/demo_N/{obs/*, actions, states, rewards, "
+                          "dones}) to a store: keys action, state, reward, done and every obs key; "
+                          "mask/train and mask/valid become the store's split.")
+    imp.add_argument("hdf5", help="robomimic dataset file (.hdf5)")
+    imp.add_argument("out", help="the store to write (.zarr folder; must not exist unless --overwrite)")
+    imp.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    imp.set_defaults(action=main_import)
+
+    rep = cmds.add_parser("check-replay", help="replay stored actions from stored states; compare success",
+                          description="For each episode, reset the task's env to the episode's first stored "
+                          "simulator state (data/state), step its stored actions, and check that the "
+                          "episode's stored success is reproduced. Exit status 1 if any episode differs.")
+    rep.add_argument("path", help="the store (a .zarr folder)")
+    rep.add_argument("--episodes", type=int, default=None, help="check only the first N episodes (default: all)")
+    rep.add_argument("--task", default=None, help="task name (default: the store's attrs['task'])")
+    rep.set_defaults(action=main_check_replay)
+
+
+def main(args) -> int:
+    return args.action(args)
+
+
+def _fmt(x) -> str:
+    return f"{x:.4g}"
+
+
+def main_info(args) -> int:
+    import numpy as np
+
+    from dopr.data import EpisodeStore, compute_stats
+    from dopr.data.sequence_sampler import is_image_like
+
+    store = EpisodeStore.open(args.path, mode="r")
+    if args.full:
+        store.validate(full=True)
+    lengths = store.episode_lengths
+    print(f"store     {store.path}  (zarr v{store.zarr_format})")
+    print(f"episodes  {store.n_episodes}")
+    print(f"steps     {store.n_steps}" + (f"  (episode length min {lengths.min()}, mean {lengths.mean():.1f}, "
+                                          f"max {lengths.max()})" if len(lengths) else ""))
+    print(f"valid     {'full scan: no NaN/inf' if args.full else 'layout checked (--full also scans NaN/inf)'}")
+    print()
+    print(f"{'key':<28} {'shape':<14} {'dtype':<8} {'chunks':<16} {'min':>10} {'max':>10} {'mean':>10} {'std':>10}")
+    for key in store.keys:
+        arr = store.array(key)
+        row = f"{key:<28} {str(tuple(arr.shape[1:])):<14} {str(arr.dtype):<8} {str(tuple(arr.chunks)):<16}"
+        if store.n_episodes and (args.images or not is_image_like(arr)):
+            s = compute_stats(store, [key])[key]
+            # over all values of the key: the pooled std from the per-dimension moments
+            mean = float(s["mean"].mean())
+            std = float(np.sqrt((s["std"].astype(np.float64) ** 2 + (s["mean"] - mean) ** 2).mean()))
+            row += f" {_fmt(s['min'].min()):>10} {_fmt(s['max'].max()):>10} {_fmt(mean):>10} {_fmt(std):>10}"
+            print(row)
+            if args.per_dim:
+                for name in ("min", "max", "mean", "std"):
+                    print(f"    {name:<5} {np.array2string(s[name].ravel(), precision=4, max_line_width=120)}")
+        else:
+            print(row + ("  (image: --images for statistics)" if store.n_episodes else ""))
+    attrs = dict(store.attrs)
+    print()
+    split = attrs.pop("split", None)
+    if split:
+        print(f"split     train {len(split.get('train', []))} / val {len(split.get('val', []))} episodes "
+              f"(source {split.get('source', 'seeded')}" +
+              (f", seed {split['seed']}, val_ratio {split['val_ratio']})" if "seed" in split else ")"))
+    else:
+        print("split     none recorded (training computes a seeded one)")
+    width = max([9, *map(len, attrs)])
+    for key, value in attrs.items():
+        text = json.dumps(value, default=str)
+        print(f"{key:<{width}} {text if len(text) <= 200 else text[:197] + '...'}")
+    return 0
+
+
+def main_import(args) -> int:
+    from dopr.data import import_robomimic
+
+    store = import_robomimic(args.hdf5, args.out, overwrite=args.overwrite)
+    print(f"wrote {store.path}: {store.n_episodes} episodes, {store.n_steps} steps, keys {', '.join(store.keys)}")
+    return 0
+
+
+def main_check_replay(args) -> int:
+    from dopr import envs
+    from dopr.data import EpisodeStore, check_replay
+
+    store = EpisodeStore.open(args.path, mode="r")
+    attrs = dict(store.attrs)
+    task = args.task or attrs.get("task")
+    if not task:
+        raise SystemExit(f"{store.path}: attrs has no 'task'; pass --task")
+    meta = attrs.get("env_meta") or {}
+    horizon = int(meta.get("horizon") or (store.episode_lengths.max() if store.n_episodes else 1))
+    n = store.n_episodes if args.episodes is None else min(args.episodes, store.n_episodes)
+    results = check_replay(store, lambda: envs.make(task, obs="lowdim", horizon=horizon), episodes=range(n))
+    bad = [r for r in results if not r.ok]
+    for r in bad:
+        print(f"episode {r.episode}: stored success {r.stored_success}, replay success {r.replay_success} "
+              f"after {r.steps} steps (max state error {r.max_state_error:.3g})")
+    errors = [r.max_state_error for r in results if r.max_state_error == r.max_state_error]
+    drift = f"; max state error {max(errors):.3g}" if errors else ""
+    print(f"{len(results) - len(bad)}/{len(results)} episodes reproduce their stored success{drift}")
+    return 1 if bad else 0

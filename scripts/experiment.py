@@ -1,0 +1,188 @@
+"""`dopr experiment`: collect, train with periodic closed-loop evaluation, and report, in one command.
+
+Everything it makes lives under one folder (default out/experiment):
+
+    demos/<task>-<n>.zarr                     demonstrations, shared by every run of a task
+    runs/<task>-<policy>-<optim>-s<seed>/     one training run, evaluated at every checkpoint
+    report/report.md, *.png                   the TTF report over all runs
+    table.md                                  success and validation loss per cell, paired comparisons
+
+It is resumable: demonstrations are topped up to the requested count, finished runs (a ckpt-final
+with evaluation results) are skipped, an interrupted run resumes from its latest checkpoint, and a
+final checkpoint without results is evaluated. Interrupt it at any time and run the same command again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+
+@dataclass
+class ExperimentConfig:
+    # The built-in default is the small version README's main command runs (about 15 minutes on 2
+    # cores): lift with few demonstrations, where closed-loop success is not saturated.
+    tasks: list[str] = field(default_factory=lambda: ["lift"])
+    policies: list[str] = field(default_factory=lambda: ["mlp"])
+    optims: list[str] = field(default_factory=lambda: ["dopr-adamw", "adamw"])
+    seeds: int = 2  # training seeds seed_offset .. seed_offset + seeds - 1
+    seed_offset: int = 0
+    demos: int = 20  # demonstrations per task
+    demo_noise_std: float = 0.1  # expert action noise while collecting (labels stay clean): covers recoveries
+    steps: dict[str, int] = field(default_factory=lambda: {"mlp": 3000, "diffusion": 20000, "flow": 20000})
+    eval_every: int = 1000  # closed-loop evaluation of every such checkpoint, next to its val loss
+    eval_episodes: int = 50  # the same episode seeds for every run
+    horizon: int | None = None  # evaluation horizon; None: the task's (robomimic's) horizon
+    workers: int = 2  # simulator processes for collection and evaluation
+    lr: float | None = None  # None: the training default of each policy
+    damping: float | None = None  # DoPr's gamma; None: the optimizer's default
+    batch_size: int = 256
+    out: str = "out/experiment"
+
+    @classmethod
+    def from_file(cls, path: str) -> "ExperimentConfig":
+        """A JSON or TOML file whose keys are this dataclass's fields."""
+        import tomllib
+
+        with open(path, "rb") as f:
+            raw = tomllib.load(f) if path.endswith(".toml") else json.load(f)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown experiment option(s) {unknown}; known: {sorted(known)}")
+        return cls(**raw)
+
+
+def _csv(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def add_parser(sub) -> None:
+    d = ExperimentConfig()
+    p = sub.add_parser(
+        "experiment",
+        help="collect, train with periodic evaluation, and report: the whole DoPr comparison",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help="JSON or TOML file with the options below (flags given here override it)")
+    p.add_argument("--tasks", type=_csv, help=f"comma-separated tasks (default {','.join(d.tasks)})")
+    p.add_argument("--policies", type=_csv, help=f"mlp, diffusion, flow (default {','.join(d.policies)})")
+    p.add_argument("--optims", type=_csv, help=f"dopr-adamw, dopr-muon, adamw, muon (default {','.join(d.optims)})")
+    p.add_argument("--seeds", type=int, help=f"training seeds per cell (default {d.seeds})")
+    p.add_argument("--seed-offset", type=int, help="first training seed (keep tuning seeds apart from reporting seeds)")
+    p.add_argument("--demos", type=int, help=f"demonstrations per task (default {d.demos})")
+    p.add_argument("--demo-noise-std", type=float, help=f"expert action noise while collecting (default {d.demo_noise_std})")
+    p.add_argument("--steps", type=int, help="training steps for every policy (default: " +
+                   ", ".join(f"{k} {v}" for k, v in d.steps.items()) + ")")
+    p.add_argument("--eval-every", type=int, help=f"evaluate every K steps (default {d.eval_every})")
+    p.add_argument("--eval-episodes", type=int, help=f"episodes per evaluation (default {d.eval_episodes})")
+    p.add_argument("--horizon", type=int, help="evaluation horizon (default: the task's)")
+    p.add_argument("--workers", type=int, help=f"simulator worker processes (default {d.workers})")
+    p.add_argument("--lr", type=float, help="learning rate for every run (default: each policy's)")
+    p.add_argument("--damping", type=float, help="DoPr's gamma (default: the optimizer's)")
+    p.add_argument("--batch-size", type=int, help=f"training batch size (default {d.batch_size})")
+    p.add_argument("--out", help=f"experiment folder (default {d.out})")
+    p.set_defaults(func=main)
+
+
+def config_from_args(args) -> ExperimentConfig:
+    cfg = ExperimentConfig.from_file(args.config) if args.config else ExperimentConfig()
+    for f in fields(ExperimentConfig):
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        if f.name == "steps":
+            value = {k: value for k in cfg.steps}
+        setattr(cfg, f.name, value)
+    return cfg
+
+
+def run_experiment(cfg: ExperimentConfig) -> str:
+    """Runs what is missing of the experiment; returns the markdown table."""
+    import time
+    from pathlib import Path
+
+    from dopr.envs import list_tasks
+    from dopr.envs.collect import CollectConfig, collect
+    from dopr.eval import evaluate_checkpoint
+    from dopr.eval.report import build_report
+    from dopr.eval.results import RESULTS_FILE
+    from dopr.scripts.train import OPTIMIZERS, POLICIES, TrainConfig, train
+
+    for name, values, allowed in (("task", cfg.tasks, list_tasks()), ("policy", cfg.policies, POLICIES),
+                                  ("optimizer", cfg.optims, OPTIMIZERS)):
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise ValueError(f"unknown {name}(s) {bad}; choose from {list(allowed)}")
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "experiment.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    started = time.time()
+
+    run_dirs = []
+    for task in cfg.tasks:
+        demos = out / "demos" / f"{task}-{cfg.demos}.zarr"
+        print(f"[experiment] {task}: {cfg.demos} demonstrations -> {demos}", flush=True)
+        collect(CollectConfig(task=task, n_episodes=cfg.demos, out=str(demos), workers=cfg.workers,
+                              seed=0, noise_std=cfg.demo_noise_std))
+        for policy in cfg.policies:
+            for optim in cfg.optims:
+                for seed in range(cfg.seed_offset, cfg.seed_offset + cfg.seeds):
+                    run = out / "runs" / f"{task}-{policy}-{optim}-s{seed}"
+                    run_dirs.append(str(run))
+                    final = run / "ckpt-final"
+                    if (final / "eval" / RESULTS_FILE).exists():
+                        print(f"[experiment] {run.name}: done, reused", flush=True)
+                        continue
+                    if final.exists():
+                        print(f"[experiment] {run.name}: evaluating the final checkpoint", flush=True)
+                        evaluate_checkpoint(str(final), episodes=cfg.eval_episodes, workers=cfg.workers,
+                                            horizon=cfg.horizon)
+                        continue
+                    resume = "latest" if any(run.glob("ckpt-*")) else None
+                    print(f"[experiment] {run.name}: {'resuming' if resume else 'training'}", flush=True)
+                    train(TrainConfig(
+                        data=str(demos), out=str(run), policy=policy, optim=optim, steps=cfg.steps[policy],
+                        seed=seed, lr=cfg.lr, damping=cfg.damping, batch_size=cfg.batch_size,
+                        val_every=cfg.eval_every, ckpt_every=cfg.eval_every, eval_every=cfg.eval_every,
+                        eval_episodes=cfg.eval_episodes, eval_workers=cfg.workers, resume=resume,
+                    ))
+
+    report_md = build_report(run_dirs, str(out / "report"))
+    table = experiment_table(run_dirs, cfg.optims)
+    minutes = (time.time() - started) / 60
+    (out / "table.md").write_text(table + f"\n\nWall time of this invocation: {minutes:.1f} min.\n")
+    print(f"[experiment] report: {report_md}; table: {out / 'table.md'} ({minutes:.1f} min)", flush=True)
+    return table
+
+
+def experiment_table(run_dirs: list[str], optims: list[str]) -> str:
+    """Cells from the runs' final checkpoints, and DoPr against its base optimizer, paired."""
+    from pathlib import Path
+
+    from dopr.eval.comparison import Cell, SeedResult, comparison_table
+    from dopr.eval.results import read_episodes
+    from dopr.policies import load_checkpoint_meta
+
+    cells: dict[tuple, Cell] = {}
+    for run in map(Path, run_dirs):
+        final = run / "ckpt-final"
+        if not (final / "eval").exists():
+            continue
+        cfg = json.loads((run / "config.json").read_text())
+        meta = load_checkpoint_meta(final)
+        episodes = read_episodes(str(final / "eval"))
+        key = (meta["task"], cfg["policy"], cfg["optim"])
+        cell = cells.setdefault(key, Cell(*key))
+        cell.seeds.append(SeedResult(seed=cfg["seed"], success={int(e["seed"]): bool(e["success"]) for e in episodes},
+                                     val_loss=meta.get("val_loss"), step=int(meta["step"])))
+    pairs = [(o, o.removeprefix("dopr-")) for o in optims if o.startswith("dopr-") and o.removeprefix("dopr-") in optims]
+    return comparison_table(sorted(cells.values(), key=lambda c: (c.task, c.policy, c.optim)), pairs)
+
+
+def main(args) -> int:
+    table = run_experiment(config_from_args(args))
+    print(table)
+    return 0

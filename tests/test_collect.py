@@ -1,0 +1,189 @@
+"""`dopr collect`: real worker processes writing a real zarr episode store."""
+
+import numpy as np
+import pytest
+
+from dopr.data import EpisodeStore
+from dopr.data.replay import replay_episode
+from dopr.envs import make, make_expert
+from dopr.envs.collect import CollectConfig, collect
+
+# Reacher with a horizon of 22 steps: the expert needs about 21, so some seeded episodes fail
+# and keep-only-success has to skip seeds. Both properties are what these tests are about.
+SHORT = dict(task="reacher", horizon=22, progress=False)
+
+
+def assert_stores_equal(a: EpisodeStore, b: EpisodeStore):
+    assert a.keys == b.keys
+    np.testing.assert_array_equal(a.episode_ends, b.episode_ends)
+    for key in a.keys:
+        np.testing.assert_array_equal(a.array(key)[: a.n_steps], b.array(key)[: b.n_steps], err_msg=key)
+    assert a.attrs["episode_seeds"] == b.attrs["episode_seeds"]
+
+
+def test_two_workers_resume_and_worker_count_independence(tmp_path):
+    # 3 episodes with 2 worker processes, then resumed to 6 (as running the command again does)
+    first = collect(CollectConfig(n_episodes=3, out=str(tmp_path / "a.zarr"), workers=2, **SHORT))
+    assert first.added == 3 and first.attempts > 3  # some seeds failed and were skipped
+    resumed = collect(CollectConfig(n_episodes=6, out=str(tmp_path / "a.zarr"), workers=2, **SHORT))
+    assert resumed.added == 3 and resumed.n_episodes == 6
+    assert min(resumed.seeds) > max(first.seeds)  # continued after the last seed tried
+    again = collect(CollectConfig(n_episodes=6, out=str(tmp_path / "a.zarr"), workers=2, **SHORT))
+    assert again.attempts == 0 and again.n_episodes == 6
+
+    a = EpisodeStore.open(tmp_path / "a.zarr")
+    seeds = a.attrs["episode_seeds"]
+    assert seeds == first.seeds + resumed.seeds and len(set(seeds)) == 6
+    assert a.attrs["episode_success"] == [True] * 6
+    assert a.attrs["collect"]["attempts"] == first.attempts + resumed.attempts
+    assert a.attrs["collect"]["next_seed"] == seeds[-1] + 1
+
+    # the same count in one run, in this process: identical store
+    one = collect(CollectConfig(n_episodes=6, out=str(tmp_path / "b.zarr"), workers=0, **SHORT))
+    assert one.seeds == seeds
+    assert_stores_equal(a, EpisodeStore.open(tmp_path / "b.zarr"))
+
+
+def test_store_contents_are_clean_labels_at_stored_states(tmp_path):
+    out = tmp_path / "r.zarr"
+    collect(CollectConfig(task="reacher", n_episodes=3, out=str(out), workers=0, seed=10, progress=False))
+    store = EpisodeStore.open(out)
+    assert store.keys == ["action", "observation", "reward", "state"]
+    attrs = store.attrs
+    assert attrs["task"] == "reacher" and attrs["obs_keys"] == ["observation"]
+    assert attrs["action_key"] == "action" and attrs["control_freq"] == 50.0
+    assert attrs["env_meta"]["env_id"] == "Reacher-v5" and attrs["env_meta"]["horizon"] == 100
+    assert attrs["versions"]["mujoco"] and attrs["episode_seeds"] == [10, 11, 12]
+    assert attrs["collect"]["noise_std"] == 0.0
+    env, expert = make("reacher"), make_expert("reacher")
+    for i in range(3):
+        ep = store.get_episode(i)
+        T = len(ep["action"])
+        assert all(len(v) == T for v in ep.values()) and 10 < T < 100
+        env.reset(seed=10 + i)
+        np.testing.assert_array_equal(ep["state"][0], env.get_state())  # the seeded initial state
+        for t in (0, T // 2, T - 1):  # obs and label are those of the stored state
+            obs = env.reset_to_state(ep["state"][t])
+            np.testing.assert_array_equal(ep["observation"][t], obs["observation"])
+            np.testing.assert_array_equal(ep["action"][t], expert.act(env).astype(np.float32))
+        result = replay_episode(store, i, env)  # the stored actions reproduce the success
+        assert result.stored_success and result.replay_success and result.max_state_error == 0.0
+
+
+def test_noise_stores_clean_label_and_executed_action(tmp_path):
+    out = tmp_path / "n.zarr"
+    collect(CollectConfig(task="reacher", n_episodes=2, out=str(out), workers=0, noise_std=0.3,
+                          progress=False))
+    store = EpisodeStore.open(out)
+    assert "executed_action" in store.keys and store.attrs["collect"]["noise_std"] == 0.3
+    env, expert = make("reacher"), make_expert("reacher")
+    ep = store.get_episode(0)
+    assert np.abs(ep["executed_action"] - ep["action"]).mean() > 0.05
+    env.reset_to_state(ep["state"][3])
+    np.testing.assert_array_equal(ep["action"][3], expert.act(env).astype(np.float32))
+    result = replay_episode(store, 0, env)  # replays executed_action
+    assert result.replay_success and result.max_state_error == 0.0
+    with pytest.raises(ValueError, match="noise_std"):
+        collect(CollectConfig(task="reacher", n_episodes=3, out=str(out), workers=0, progress=False))
+
+
+def test_keep_failed_stores_failures_with_their_seeds(tmp_path):
+    summary = collect(CollectConfig(n_episodes=6, out=str(tmp_path / "f.zarr"), workers=0,
+                                    keep_failed=True, **SHORT))
+    store = EpisodeStore.open(tmp_path / "f.zarr")
+    assert summary.attempts == 6 and store.attrs["episode_seeds"] == list(range(6))
+    success = store.attrs["episode_success"]
+    assert False in success and True in success
+    lengths = store.episode_lengths
+    assert all(lengths[i] == 22 for i in range(6) if not success[i])  # failures ran to the horizon
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(KeyError, match="unknown task 'no_such_task'"):
+        collect(CollectConfig(task="no_such_task", n_episodes=1, out=str(tmp_path / "x.zarr")))
+    out = str(tmp_path / "r.zarr")
+    collect(CollectConfig(task="reacher", n_episodes=1, out=out, workers=0, progress=False))
+    with pytest.raises(ValueError, match="holds task 'reacher', not 'inverted_double_pendulum'"):
+        collect(CollectConfig(task="inverted_double_pendulum", n_episodes=2, out=out, workers=0))
+    with pytest.raises(ValueError, match="seed"):
+        collect(CollectConfig(task="reacher", n_episodes=2, out=out, workers=0, seed=5))
+
+
+def test_cli(tmp_path, capsys):
+    from dopr.scripts.cli import main
+
+    out = str(tmp_path / "p.zarr")
+    args = ["collect", "--task", "inverted_double_pendulum", "--episodes", "2", "--out", out,
+            "--workers", "0", "--horizon", "50"]
+    assert main(args) == 0
+    assert "2 episodes (+2)" in capsys.readouterr().out
+    assert main(args) == 0
+    assert "already holds 2 episodes" in capsys.readouterr().out
+    assert main(["collect", "--task", "nope", "--episodes", "1", "--out", out]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+
+
+def test_lift_with_two_workers(tmp_path):
+    out = tmp_path / "lift.zarr"
+    summary = collect(CollectConfig(task="lift", n_episodes=2, out=str(out), workers=2, progress=False))
+    store = EpisodeStore.open(out)
+    assert store.n_episodes == 2 and summary.added == 2
+    assert {"action", "state", "reward", *store.attrs["obs_keys"]} == set(store.keys)
+    assert store.attrs["task"] == "lift" and store.attrs["versions"]["robosuite"]
+    assert store.array("action").shape[1] == 7
+    assert store.attrs["episode_seeds"] == summary.seeds
+
+
+def test_killed_collector_resumes_without_losing_or_repeating_episodes(tmp_path):
+    """SIGKILL a real collector process mid-run, then run the same collection again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "k.zarr"
+    code = ("from dopr.envs.collect import CollectConfig, collect; "
+            f"collect(CollectConfig(task='reacher', n_episodes=100000, out={str(out)!r}, "
+            "workers=0, progress=False, horizon=22))")
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            time.sleep(0.2)
+            if out.exists():
+                try:
+                    if EpisodeStore.open(out).n_episodes >= 4:
+                        break
+                except Exception:  # noqa: BLE001 -- caught between the store's creation steps
+                    pass
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    killed_at = EpisodeStore.open(out).n_episodes
+    assert killed_at >= 4
+    summary = collect(CollectConfig(n_episodes=killed_at + 2, out=str(out), workers=0, **SHORT))
+    store = EpisodeStore.open(out)
+    store.validate(full=True)
+    seeds = store.attrs["episode_seeds"][: store.n_episodes]
+    assert store.n_episodes == killed_at + 2 and summary.added == 2
+    assert len(set(seeds)) == len(seeds) and seeds == sorted(seeds)
+    assert store.attrs["episode_success"][: store.n_episodes] == [True] * store.n_episodes
+    # the first episodes are exactly those an uninterrupted run stores
+    reference = collect(CollectConfig(n_episodes=killed_at, out=str(tmp_path / "ref.zarr"), workers=0, **SHORT))
+    assert reference.seeds == seeds[:killed_at]
+
+
+def test_image_observations_are_stored(tmp_path):
+    from dopr.envs.rendering import offscreen_rendering_error
+
+    if offscreen_rendering_error():
+        pytest.skip(offscreen_rendering_error())
+    out = tmp_path / "img.zarr"
+    collect(CollectConfig(task="reacher", n_episodes=1, out=str(out), workers=0, obs="image",
+                          image_size=32, progress=False))
+    store = EpisodeStore.open(out)
+    assert store.attrs["obs_keys"] == ["observation", "image"]
+    image = store.get_episode(0)["image"]
+    assert image.dtype == np.uint8 and image.shape[1:] == (32, 32, 3)
+    assert not np.array_equal(image[0], image[-1])  # the arm moved between the frames

@@ -1,0 +1,279 @@
+"""Closed-loop evaluator: metrics against hand-computed values, repeatability, faults, files on disk.
+
+Everything runs the real simulator (gymnasium Reacher-v5 through dopr.envs) in real spawned worker
+processes, with real checkpoints written by dopr.policies.save_checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import os
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from dopr.eval.metrics import spearman, success_stats, wilson_interval
+
+TASK = "reacher"
+HORIZON = 30  # control steps; short episodes keep the suite fast
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics
+
+
+def test_wilson_interval_matches_hand_computed_values():
+    # 8/10: p=0.8, z=1.959964, z^2/n = 0.384146; centre = (0.8 + 0.192073) / 1.384146 = 0.716733,
+    # half width = 1.959964 * sqrt(0.016 + 0.009604) / 1.384146 = 0.226583
+    lo, hi = wilson_interval(8, 10)
+    assert lo == pytest.approx(0.490155, abs=1e-5)
+    assert hi == pytest.approx(0.943318, abs=1e-5)
+    # 0/10: the lower bound is exactly 0, upper z^2/(n+z^2) = 3.841459/13.841459
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(3.841459 / 13.841459, abs=1e-6)
+    lo, hi = wilson_interval(10, 10)
+    assert hi == 1.0 and lo == pytest.approx(10 / 13.841459, abs=1e-6)
+    # the interval is not symmetric around p (unlike the normal approximation)
+    lo, hi = wilson_interval(1, 50)
+    assert lo > 0 and (0.02 - lo) < (hi - 0.02)
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)
+
+
+def test_success_stats_of_episode_records():
+    episodes = [
+        {"success": True, "steps": 10, "return": 1.0, "time_to_success": 10},
+        {"success": False, "steps": 30, "return": -2.0, "time_to_success": None},
+        {"success": True, "steps": 20, "return": 0.5, "time_to_success": 20},
+        {"success": False, "steps": 4, "return": 0.0, "time_to_success": None, "error": "worker died"},
+    ]
+    s = success_stats(episodes)
+    assert (s.n_episodes, s.n_success, s.n_errors) == (4, 2, 1)
+    assert s.success_rate == 0.5
+    assert s.mean_return == pytest.approx(-0.125)
+    assert s.mean_length == pytest.approx(16.0)
+    assert s.time_to_success == pytest.approx(15.0)  # over the successful episodes only
+    assert (s.ci_low, s.ci_high) == wilson_interval(2, 4)
+
+
+def test_spearman_matches_hand_computed_values():
+    # ranks of y with a tie: [1, 2, 3.5, 5, 3.5]; deviations from 3: x [-2,-1,0,1,2], y [-2,-1,.5,2,.5]
+    # rho = 8 / sqrt(10 * 9.5)
+    rho, p, n = spearman([1, 2, 3, 4, 5], [5, 6, 7, 8, 7])
+    assert rho == pytest.approx(8 / math.sqrt(95), abs=1e-12) and n == 5 and 0 < p < 1
+    rho, _, _ = spearman([0.1, 0.2, 0.3, 0.4], [0.9, 0.7, 0.5, 0.1])  # monotone decreasing
+    assert rho == pytest.approx(-1.0)
+    rho, _, n = spearman([1, 2, float("nan"), 4], [1, 1, 1, 1])  # constant side: no ranking
+    assert math.isnan(rho) and n == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# real checkpoints, real workers
+
+
+def _save_checkpoint(path, task=TASK, obs_dim=None, seed=0, meta_task=None):
+    """A freshly initialized MLP policy written with the real checkpoint code."""
+    from dopr.envs import make, task_spec
+    from dopr.policies import MLPPolicy, PolicyConfig, save_checkpoint
+
+    spec = task_spec(task)
+    if obs_dim is None:
+        obs, _ = make(task).reset(seed=0)
+        obs_dim = obs["observation"].shape[0]
+    cfg = PolicyConfig(kind="mlp", obs_shapes={"observation": [obs_dim]}, action_dim=spec.action_dim,
+                       n_obs_steps=2, horizon=8, n_action_steps=4, mlp_hidden_dim=32, mlp_layers=2)
+    torch.manual_seed(seed)
+    policy = MLPPolicy(cfg)
+    meta = {"task": meta_task or task, "step": 100, "val_loss": 0.5, "obs_shapes": cfg.obs_shapes}
+    return str(save_checkpoint(path, policy, meta=meta))
+
+
+class _KillingPolicy(torch.nn.Module):
+    """Test wrapper around a real policy: on its k-th call it sends `sig` to a real worker process."""
+
+    def __init__(self, policy, at_call: int, sig: int, worker_name: str | None = "dopr-eval-worker-0"):
+        super().__init__()
+        self.policy, self.config = policy, policy.config
+        self.at_call, self.sig, self.worker_name, self.calls = at_call, sig, worker_name, 0
+        self.killed_pid = None
+
+    def reset(self):
+        self.policy.reset()
+
+    def predict_action(self, obs, generator=None):
+        self.calls += 1
+        if self.calls == self.at_call:
+            if self.worker_name is None:  # Ctrl-C in the main process
+                os.kill(os.getpid(), self.sig)
+            else:
+                (proc,) = [p for p in mp.active_children() if p.name == self.worker_name]
+                self.killed_pid = proc.pid
+                os.kill(proc.pid, self.sig)
+        return self.policy.predict_action(obs, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.set_num_threads(1)
+    return _save_checkpoint(tmp_path_factory.mktemp("run") / "ckpt-0000100")
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    """4 episodes with one worker: the results every other configuration must reproduce."""
+    from dopr.eval import evaluate_checkpoint
+
+    return evaluate_checkpoint(checkpoint, episodes=4, workers=1, horizon=HORIZON, progress=False)
+
+
+def _fingerprint(records):
+    return [(r["episode"], r["seed"], r["success"], r["steps"], r["return"], r["time_to_success"]) for r in records]
+
+
+def test_results_files_record_protocol_and_episodes(checkpoint, reference):
+    out = os.path.join(checkpoint, "eval")
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    assert saved["n_episodes"] == 4 and saved["task"] == TASK and not saved["interrupted"]
+    proto = saved["protocol"]
+    assert proto["checkpoint"] == os.path.abspath(checkpoint)
+    assert proto["seeds"] == [100000, 100003] and proto["horizon"] == HORIZON and proto["init"] == "random"
+    assert proto["versions"]["mujoco"] and proto["versions"]["torch"]
+    with open(os.path.join(out, "episodes.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert [e["seed"] for e in lines] == [100000, 100001, 100002, 100003]
+    assert all(e["steps"] == HORIZON and e["error"] is None for e in lines)  # a random policy never succeeds
+    assert saved["success_rate"] == reference.success_rate == 0.0
+    assert saved["mean_return"] == pytest.approx(np.mean([e["return"] for e in lines]))
+    # different seeds give different episodes (the initial states really come from the seeds)
+    assert len({e["return"] for e in lines}) == 4
+
+
+def test_same_seeds_same_results_regardless_of_worker_count(checkpoint, reference, tmp_path):
+    from dopr.eval import evaluate_checkpoint
+
+    again = evaluate_checkpoint(checkpoint, episodes=4, workers=2, horizon=HORIZON, out_dir=str(tmp_path),
+                                progress=False)
+    assert _fingerprint(again.episodes) == _fingerprint(reference.episodes)
+    shifted = evaluate_checkpoint(checkpoint, episodes=2, workers=1, horizon=HORIZON, seed_base=7,
+                                  out_dir=str(tmp_path / "other"), progress=False)
+    assert [e["return"] for e in shifted.episodes] != [e["return"] for e in reference.episodes[:2]]
+
+
+def test_killed_worker_is_recorded_and_evaluation_goes_on(checkpoint, reference, tmp_path):
+    from dopr.eval import evaluate_policy
+    from dopr.policies import load_policy
+
+    # 2 workers: worker 0 runs episode 0 first; kill it (SIGKILL, a real process) at the 3rd control round
+    policy = _KillingPolicy(load_policy(checkpoint), at_call=3, sig=signal.SIGKILL)
+    result = evaluate_policy(policy, TASK, episodes=4, workers=2, horizon=HORIZON, out_dir=str(tmp_path),
+                             progress=False)
+    assert policy.killed_pid is not None
+    assert result.n_episodes == 4 and result.n_errors == 1 and result.timing["worker_restarts"] == 1
+    (failed,) = [e for e in result.episodes if e["error"]]
+    assert failed["episode"] == 0 and not failed["success"]
+    assert f"pid {policy.killed_pid}" in failed["error"] and "died" in failed["error"]
+    assert 0 < failed["steps"] < HORIZON
+    # every other episode, including those the restarted worker ran, is exactly the fault-free one
+    ok = [e for e in result.episodes if not e["error"]]
+    assert _fingerprint(ok) == _fingerprint(reference.episodes[1:])
+    with open(tmp_path / "episodes.jsonl") as f:
+        assert len(f.readlines()) == 4
+
+
+def test_hung_worker_times_out_and_is_restarted(checkpoint, reference, tmp_path):
+    from dopr.eval import evaluate_policy
+    from dopr.policies import load_policy
+
+    # SIGSTOP freezes the worker: it neither answers nor dies, as a simulator stuck in a loop
+    policy = _KillingPolicy(load_policy(checkpoint), at_call=2, sig=signal.SIGSTOP)
+    result = evaluate_policy(policy, TASK, episodes=3, workers=1, horizon=HORIZON, out_dir=str(tmp_path),
+                             episode_timeout_s=5.0, progress=False)
+    assert result.n_errors == 1 and "timed out" in result.episodes[0]["error"]
+    assert _fingerprint(result.episodes[1:]) == _fingerprint(reference.episodes[1:3])
+
+
+def test_ctrl_c_keeps_finished_episodes(checkpoint, tmp_path):
+    from dopr.eval import evaluate_policy
+    from dopr.eval.results import read_episodes
+    from dopr.policies import load_policy
+
+    # one worker, 8 control rounds per episode (30 steps / 4): SIGINT during the third episode
+    policy = _KillingPolicy(load_policy(checkpoint), at_call=20, sig=signal.SIGINT, worker_name=None)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_policy(policy, TASK, episodes=5, workers=1, horizon=HORIZON, out_dir=str(tmp_path),
+                        progress=False)
+    kept = read_episodes(str(tmp_path / "episodes.jsonl"))
+    assert [e["episode"] for e in kept] == [0, 1]
+    with open(tmp_path / "results.json") as f:
+        saved = json.load(f)
+    assert saved["interrupted"] and saved["n_episodes"] == 2
+    assert not [p for p in mp.active_children() if p.name.startswith("dopr-eval-worker")]
+
+
+def test_checkpoint_of_another_task_or_schema_is_refused(tmp_path):
+    from dopr.eval import CheckpointMismatch, evaluate_checkpoint
+
+    ckpt = _save_checkpoint(tmp_path / "ckpt-a")
+    with pytest.raises(CheckpointMismatch, match="reacher"):
+        evaluate_checkpoint(ckpt, episodes=1, task="pusher", progress=False)
+    # recorded task pusher, but the policy's action size is reacher's
+    wrong = _save_checkpoint(tmp_path / "ckpt-b", meta_task="pusher", obs_dim=10)
+    with pytest.raises(CheckpointMismatch, match="action_dim"):
+        evaluate_checkpoint(wrong, episodes=1, progress=False)
+    # right keys, wrong observation size: found on the environment's first observation
+    short = _save_checkpoint(tmp_path / "ckpt-c", obs_dim=5)
+    with pytest.raises(CheckpointMismatch, match=r"'observation' has shape \[5\]"):
+        evaluate_checkpoint(short, episodes=1, horizon=HORIZON, progress=False)
+
+
+def test_demo_initial_states_and_compounding_error(checkpoint, tmp_path):
+    """Start from collected demonstrations; the curve's first point equals a by-hand computation."""
+    from dopr.data import EpisodeStore
+    from dopr.envs import make, make_expert
+    from dopr.envs.collect import CollectConfig, collect
+    from dopr.eval import measure_compounding_error
+    from dopr.policies import load_policy
+
+    demos = str(tmp_path / "demos.zarr")
+    collect(CollectConfig(task=TASK, n_episodes=2, out=demos, workers=0, progress=False))
+    curve = measure_compounding_error(checkpoint, demos, episodes=2, workers=1, horizon=HORIZON, progress=False)
+    assert curve["count"][0] == 2 and len(curve["mean"]) == HORIZON
+    assert all(a >= b for a, b in zip(curve["count"], curve["count"][1:]))
+    with open(os.path.join(checkpoint, "eval", "compounding_error.json")) as f:
+        assert json.load(f)["mean"] == curve["mean"]
+
+    # by hand: demo i's first state, the policy's first action and the expert's label there
+    store = EpisodeStore.open(demos)
+    ends = store.episode_ends
+    policy, env, expert = load_policy(checkpoint), make(TASK), make_expert(TASK)
+    errors = []
+    for start in (0, int(ends[0])):
+        env.reset(seed=0)
+        obs = env.reset_to_state(np.asarray(store.array("state")[start]))
+        np.testing.assert_allclose(obs["observation"], store.array("observation")[start], atol=1e-9)
+        history = torch.from_numpy(np.stack([obs["observation"]] * 2)[None]).float()
+        action = policy.predict_action({"observation": history})[0, 0].double().numpy()
+        expert.reset()
+        errors.append(np.linalg.norm(action - expert.act(env)))
+    assert curve["mean"][0] == pytest.approx(np.mean(errors), rel=1e-5)
+
+
+def test_video_of_first_episode(checkpoint, tmp_path):
+    import imageio.v3 as iio
+
+    from dopr.eval import evaluate_checkpoint
+
+    result = evaluate_checkpoint(checkpoint, episodes=2, workers=1, horizon=10, videos=1, out_dir=str(tmp_path),
+                                 progress=False)
+    first, second = result.episodes
+    assert "video" not in second
+    if first.get("video") is None:
+        pytest.skip(f"no offscreen rendering here: {first.get('video_error')}")
+    frames = iio.imread(first["video"])
+    assert frames.shape[0] == 11 and frames.shape[-1] == 3  # initial frame + one per step
+    assert frames.std() > 1  # a rendered scene, not a blank image

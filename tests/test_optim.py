@@ -1,0 +1,300 @@
+"""DoPr's math against independent references: torch's own optimizers, float64 closed forms,
+Newton's method on least squares, checkpoint resume, and a real 2-process DDP run."""
+
+from __future__ import annotations
+
+import copy
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dopr.optim import DoPr, build, warmup_cosine, warmup_cosine_factor
+# spawned DDP workers must import what they run: the shared pieces live in an importable module
+from dopr.tests.optim_helpers import ConvNet, batches, ddp_worker, mlp, train
+
+torch.set_num_threads(1)
+
+
+def assert_params_close(a, b, rtol=1e-5, atol=1e-6):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------- AP off == torch's optimizers
+def test_ap_off_takes_torch_adamw_steps():
+    data = batches(20, (16, 12), 5)
+    ref, ours = mlp(), mlp()
+    train(ref, torch.optim.AdamW(ref.parameters(), lr=3e-3, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6), data)
+    train(ours, DoPr(ours, lr=3e-3, weight_decay=0.1, betas=(0.8, 0.99), eps=1e-6, precondition=False), data)
+    assert_params_close(ref, ours)
+    assert not torch.allclose(ref[0].weight, mlp()[0].weight)  # training moved the weights
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+def test_ap_off_takes_torch_muon_steps_on_matrices():
+    data = batches(20, (16, 12), 5)
+    ref, ours = mlp(), mlp()
+    matrices = [m.weight for m in ref if isinstance(m, nn.Linear)]
+    rest = [p for p in ref.parameters() if all(p is not q for q in matrices)]
+    muon = torch.optim.Muon(matrices, lr=0.02, weight_decay=0.05, momentum=0.9)
+    adamw = torch.optim.AdamW(rest, lr=0.02, weight_decay=0.05)
+    for x, y in data:
+        muon.zero_grad(), adamw.zero_grad()
+        F.mse_loss(ref(x), y).backward()
+        muon.step(), adamw.step()
+    opt = build("muon", ours, lr=0.02, weight_decay=0.05, momentum=0.9)
+    assert isinstance(opt, DoPr) and not opt.precondition
+    train(ours, opt, data)
+    # bfloat16 Newton-Schulz: same ops in the same order, so the match is exact up to float32 rounding
+    assert_params_close(ref, ours, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- AP closed form in float64
+def linear_rows(layer, x):
+    return x.reshape(-1, x.shape[-1])
+
+
+def conv1d_rows(layer, x):
+    """Patches by explicit indexing (independent of F.unfold): row (b, t) = x_pad[b, c, t*s + j*dil]."""
+    p, s, dil, k = layer.padding[0], layer.stride[0], layer.dilation[0], layer.kernel_size[0]
+    xp = F.pad(x, (p, p))
+    length = (xp.shape[-1] - dil * (k - 1) - 1) // s + 1
+    rows = [torch.stack([xp[b, :, t * s + j * dil] for j in range(k)], dim=-1).flatten()
+            for b in range(x.shape[0]) for t in range(length)]
+    return torch.stack(rows)
+
+
+def conv2d_rows(layer, x):
+    (ph, pw), (sh, sw), (kh, kw) = layer.padding, layer.stride, layer.kernel_size
+    xp = F.pad(x, (pw, pw, ph, ph))
+    oh, ow = (xp.shape[-2] - kh) // sh + 1, (xp.shape[-1] - kw) // sw + 1
+    return torch.stack([xp[b, :, i * sh:i * sh + kh, j * sw:j * sw + kw].flatten()
+                        for b in range(x.shape[0]) for i in range(oh) for j in range(ow)])
+
+
+@pytest.mark.parametrize("damping", [0.05, 1e-7])  # explicit-inverse path and float64-solve path
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "conv2d"])
+def test_ap_matches_float64_closed_form(kind, damping):
+    torch.manual_seed(0)
+    if kind == "linear":
+        layer, x, rows = nn.Linear(7, 5), torch.randn(2, 10, 7) * torch.linspace(0.2, 3, 7), linear_rows
+    elif kind == "conv1d":
+        layer, x, rows = nn.Conv1d(3, 4, 3, stride=2, padding=1, dilation=2), torch.randn(6, 3, 11), conv1d_rows
+    else:
+        layer, x, rows = nn.Conv2d(2, 3, (2, 3), stride=(1, 2), padding=(1, 0)), torch.randn(3, 2, 5, 6), conv2d_rows
+    target = torch.randn_like(layer(x))
+    ref = copy.deepcopy(layer).double()
+    opt = DoPr(layer, lr=1.0, base="sgd", weight_decay=0.0, damping=damping, damping_floor=0.0,
+               stats="batch", precond_every=1)
+    before = [p.detach().clone() for p in layer.parameters()]
+    opt.zero_grad()
+    for half in (slice(0, x.shape[0] // 2), slice(x.shape[0] // 2, None)):  # two accumulated micro-batches
+        ((layer(x[half]) - target[half]) ** 2).sum().backward()
+    opt.step()
+    m = torch.cat([(b - p.detach()).reshape(layer.out_channels if kind != "linear" else 5, -1)
+                   for b, p in zip(before, layer.parameters())], dim=1).double()
+
+    ((ref(x.double()) - target.double()) ** 2).sum().backward()
+    g = torch.cat([ref.weight.grad.reshape(ref.weight.shape[0], -1), ref.bias.grad[:, None]], dim=1)
+    z = rows(ref, x.double())
+    z = torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype)], dim=1)
+    sigma = z.T @ z / z.shape[0]
+    a = sigma + damping * sigma.trace() * torch.eye(sigma.shape[0], dtype=z.dtype)
+    expected = torch.linalg.solve(a, g.T).T
+    torch.testing.assert_close(m, expected, rtol=2e-4, atol=1e-5 * expected.abs().max().item())
+
+
+# ---------------------------------------------------------------- Newton property
+def test_newton_step_solves_least_squares_in_one_step():
+    g = torch.Generator().manual_seed(0)
+    n, d = 256, 16
+    x = torch.randn(n, d, generator=g) * torch.logspace(-1, 1, d)  # input scales 0.1 .. 10: cond(Sigma) ~ 1e4
+    y = x @ torch.randn(d, 3, generator=g) + torch.randn(3, generator=g)
+
+    def loss(model):
+        return 0.5 * ((model(x) - y) ** 2).sum(1).mean()
+
+    def after_one_step(make_opt):
+        torch.manual_seed(1)
+        model = nn.Linear(d, 3)
+        opt = make_opt(model)
+        start = loss(model)
+        opt.zero_grad()
+        start.backward()
+        opt.step()
+        return loss(model).item() / start.item()
+
+    newton = after_one_step(lambda m: DoPr(m, lr=1.0, base="sgd", damping=1e-9, damping_floor=0.0,
+                                           weight_decay=0.0, stats="batch"))
+    assert newton < 1e-6
+    best_adamw = min(after_one_step(lambda m: torch.optim.AdamW(m.parameters(), lr=lr, weight_decay=0.0))
+                     for lr in (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0))
+    best_sgd = min(after_one_step(lambda m: DoPr(m, lr=lr, base="sgd", weight_decay=0.0, precondition=False))
+                   for lr in (1e-3, 1e-2, 1e-1))
+    assert best_adamw > 0.1 and best_sgd > 0.1
+
+
+# ---------------------------------------------------------------- statistics
+def test_ema_statistics_are_bias_corrected_weighted_averages():
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 2, bias=False)
+    opt = DoPr(layer, lr=0.0, stats="ema", stat_decay=0.9, precond_every=100)
+    xs = [torch.randn(8, 4), torch.randn(8, 4) * 3]
+    for x in xs:
+        opt.zero_grad()
+        layer(x).sum().backward()
+        opt.step()
+    s0, s1 = (x.T @ x / 8 for x in xs)
+    state = opt.state[layer.weight]
+    corrected = state["sigma_ema"] / (1 - 0.9 ** 2)
+    torch.testing.assert_close(corrected, (0.9 * 0.1 * s0 + 0.1 * s1) / (1 - 0.81))
+    # refreshed at step 0 from the single-step EMA, which bias correction makes exactly Sigma_0
+    expected = torch.linalg.inv((s0 + 0.1 * s0.trace() * torch.eye(4)).double()).float()
+    torch.testing.assert_close(state["ap_inverse"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_mode_and_no_grad_forwards_are_not_recorded():
+    data = batches(6, (16, 12), 5)
+    a, b = mlp(), mlp()
+    oa = DoPr(a, lr=1e-2, stats="ema", precond_every=2)
+    ob = DoPr(b, lr=1e-2, stats="ema", precond_every=2)
+    train(a, oa, data)
+    for x, y in data:
+        b.eval()
+        b(torch.randn(64, 12) * 100)  # an evaluation pass on other data
+        b.train()
+        with torch.no_grad():
+            b(torch.randn(64, 12) * 100)  # a validation pass in training mode without grad
+        ob.zero_grad()
+        F.mse_loss(b(x), y).backward()
+        ob.step()
+    assert_params_close(a, b, rtol=0, atol=0)
+
+
+def test_statistics_are_float32_under_autocast():
+    torch.manual_seed(0)
+    model = mlp()
+    opt = DoPr(model, lr=1e-3)
+    x = torch.randn(8, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    moments = opt._inputs.moments
+    assert out.dtype == torch.bfloat16 and moments["2"].zz.dtype == torch.float32
+    torch.testing.assert_close(moments["0"].zz, x.T @ x)
+
+
+def test_zero_inputs_stay_finite():
+    layer = nn.Linear(5, 3, bias=False)
+    opt = DoPr(layer, lr=1e-2, base="sgd")
+    opt.zero_grad()
+    layer(torch.zeros(4, 5)).sum().backward()
+    opt.step()
+    assert torch.isfinite(layer.weight).all()
+
+
+# ---------------------------------------------------------------- checkpoints
+@pytest.mark.parametrize("name,kw", [("dopr-adamw", dict(stats="ema", precond_every=3)),
+                                     ("dopr-muon", dict(stats="batch", precond_every=4, damping=1e-8))])
+def test_state_dict_round_trip_is_bit_identical(tmp_path, name, kw):
+    data = batches(20, (8, 3, 8), 2)
+    full = ConvNet()
+    train(full, build(name, full, lr=1e-2, **kw), data)
+
+    first = ConvNet()
+    opt = build(name, first, lr=1e-2, **kw)
+    train(first, opt, data[:10])
+    torch.save({"model": first.state_dict(), "optim": opt.state_dict()}, tmp_path / "ckpt.pt")
+    del first, opt
+
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    resumed = ConvNet(seed=123)
+    resumed.load_state_dict(ckpt["model"])
+    opt = build(name, resumed, lr=1e-2, **kw)
+    opt.load_state_dict(ckpt["optim"])
+    train(resumed, opt, data[10:])
+    assert_params_close(full, resumed, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_input_raises_clear_errors():
+    with pytest.raises(ValueError, match="lr"):
+        DoPr(mlp(), lr=-1e-3)
+    with pytest.raises(ValueError, match="damping"):
+        build("dopr-adamw", mlp(), damping=-0.1)
+    with pytest.raises(ValueError, match="no trainable nn.Linear"):
+        DoPr(nn.Sequential(nn.Embedding(10, 4), nn.LayerNorm(4)), lr=1e-3)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        build("adam", mlp())
+    with pytest.raises(ValueError, match="base"):
+        DoPr(mlp(), base="lion")
+
+
+def test_nonfinite_gradients_and_inputs_name_the_layer_and_leave_weights_untouched():
+    model = mlp()
+    opt = DoPr(model, lr=1e-2)
+    x, y = torch.randn(8, 12), torch.randn(8, 5)
+    F.mse_loss(model(x), y).backward()
+    model[2].weight.grad[0, 0] = float("nan")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(FloatingPointError, match=r"'2\.weight'"):
+        opt.step()
+    x_bad = x.clone()
+    x_bad[0, 0] = float("inf")
+    opt.zero_grad()
+    F.mse_loss(model(x_bad), y).backward()
+    with pytest.raises(FloatingPointError, match=r"'0'"):
+        opt.step()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+    skipping = DoPr(model, lr=1e-2, skip_nonfinite=True)
+    skipping.zero_grad()
+    F.mse_loss(model(x_bad), y).backward()
+    skipping.step()
+    assert skipping.skipped_steps == 1 and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# ---------------------------------------------------------------- distributed
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_takes_the_single_process_steps(tmp_path):
+    import torch.multiprocessing as mp
+
+    data = batches(5, (8, 3, 8), 2)
+    out = tmp_path / "rank0.pt"
+    mp.spawn(ddp_worker, args=(2, _free_port(), data, str(out)), nprocs=2, join=True)
+    single = ConvNet()
+    train(single, DoPr(single, lr=1e-2, stats="ema", precond_every=2), data)
+    ddp = ConvNet()
+    ddp.load_state_dict(torch.load(out, weights_only=True))
+    assert_params_close(single, ddp, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(single.c1.weight, ConvNet().c1.weight)
+
+
+# ---------------------------------------------------------------- schedule
+def test_warmup_cosine_schedule():
+    assert warmup_cosine_factor(0, 10, 110) == pytest.approx(0.1)
+    assert warmup_cosine_factor(9, 10, 110) == pytest.approx(1.0)
+    assert warmup_cosine_factor(60, 10, 110) == pytest.approx(0.5)
+    assert warmup_cosine_factor(110, 10, 110, min_ratio=0.1) == pytest.approx(0.1)
+    opt = build("dopr-muon", mlp(), lr=0.02, adamw_lr=1e-3)
+    sched = warmup_cosine(opt, 0, 10)
+    for _ in range(5):
+        opt.step()  # no gradients: a no-op, as with torch's optimizers
+        sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.01, 5e-4])
+
+
+def test_build_ignores_options_that_do_not_apply_and_rejects_unknown_ones():
+    kw = dict(lr=1e-3, weight_decay=0.0, damping=0.3, stats="batch", momentum=0.9)
+    assert isinstance(build("adamw", mlp(), **kw), torch.optim.AdamW)
+    assert build("dopr-adamw", mlp(), **kw).damping == 0.3
+    assert not build("muon", mlp(), **kw).precondition
+    with pytest.raises(TypeError, match="dampning"):
+        build("dopr-adamw", mlp(), dampning=0.1)

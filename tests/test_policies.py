@@ -1,0 +1,251 @@
+"""Policies: shapes, normalization, overfitting a tiny dataset, seeded sampling, checkpoints."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dopr.policies import (
+    CheckpointError,
+    Normalizer,
+    PolicyConfig,
+    build_policy,
+    load_checkpoint_meta,
+    load_policy,
+    save_checkpoint,
+)
+
+torch.set_num_threads(1)
+
+SMALL_UNET = dict(down_dims=[16, 32], timestep_embed_dim=16, n_groups=4)
+
+
+def make_config(kind, images=False, **kw):
+    obs_shapes = {"eef": [3], "object": [5]}
+    if images:
+        obs_shapes["cam"] = [20, 20, 3]
+    base = dict(kind=kind, obs_shapes=obs_shapes, action_dim=4, n_obs_steps=2, horizon=8, n_action_steps=4,
+                image_feature_dim=8, image_channels=[8, 8], mlp_hidden_dim=64, mlp_layers=2, num_inference_steps=10)
+    if kind != "mlp":
+        base.update(SMALL_UNET)
+    base.update(kw)
+    return PolicyConfig(**base)
+
+
+def make_batch(cfg, b=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    obs = {}
+    for k, shape in cfg.obs_shapes.items():
+        if len(shape) == 3:
+            obs[k] = torch.randint(0, 256, (b, cfg.n_obs_steps, *shape), generator=g, dtype=torch.uint8)
+        else:
+            obs[k] = 5.0 + 3.0 * torch.randn(b, cfg.n_obs_steps, *shape, generator=g)
+    action = 0.5 * torch.randn(b, cfg.horizon, cfg.action_dim, generator=g) + 2.0
+    return {"obs": obs, "action": action}
+
+
+def stats_of(batch):
+    out = {}
+    for k, v in [*batch["obs"].items(), ("action", batch["action"])]:
+        if v.dtype == torch.uint8:
+            continue
+        x = v.reshape(-1, v.shape[-1]).double().numpy()
+        out[k] = {"min": x.min(0), "max": x.max(0), "mean": x.mean(0), "std": x.std(0)}
+    return out
+
+
+@pytest.mark.parametrize("mode", ["limits", "gaussian"])
+def test_normalizer_round_trip_and_range(mode):
+    x = torch.randn(100, 3, dtype=torch.float64).float() * torch.tensor([1.0, 10.0, 0.0]) + torch.tensor([0.0, 5.0, 7.0])
+    xs = x.double().numpy()
+    stats = {"k": {"min": xs.min(0), "max": xs.max(0), "mean": xs.mean(0), "std": xs.std(0)}}
+    n = Normalizer({"k": 3}, stats, mode=mode)
+    y = n.normalize("k", x)
+    assert torch.allclose(n.unnormalize("k", y), x, atol=1e-4)
+    if mode == "limits":
+        assert torch.allclose(y[:, :2].min(0).values, torch.tensor([-1.0, -1.0]), atol=1e-5)
+        assert torch.allclose(y[:, :2].max(0).values, torch.tensor([1.0, 1.0]), atol=1e-5)
+    else:
+        assert torch.allclose(y[:, :2].mean(0), torch.zeros(2), atol=1e-4)
+        assert torch.allclose(y[:, :2].std(0, unbiased=False), torch.ones(2), atol=1e-3)
+    assert torch.all(y[:, 2].abs() < 1e-5)  # a constant feature is shifted, never divided by ~0
+    # statistics are buffers: they travel with the state dict
+    m = Normalizer({"k": 3}, mode=mode)
+    m.load_state_dict(n.state_dict())
+    assert torch.equal(m.normalize("k", x), y)
+
+
+def test_normalizer_rejects_wrong_feature_count():
+    with pytest.raises(ValueError, match="'k'"):
+        Normalizer({"k": 3}, {"k": {"min": np.zeros(2), "max": np.ones(2), "mean": np.zeros(2), "std": np.ones(2)}})
+
+
+@pytest.mark.parametrize("kind", ["mlp", "diffusion", "flow"])
+@pytest.mark.parametrize("images", [False, True])
+def test_shapes(kind, images):
+    cfg = make_config(kind, images=images)
+    batch = make_batch(cfg)
+    policy = build_policy(cfg, stats_of(batch))
+    loss = policy.compute_loss(batch)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None for p in policy.parameters() if p.requires_grad)
+    policy.eval()
+    act = policy.predict_action(batch["obs"])
+    assert act.shape == (6, cfg.n_action_steps, cfg.action_dim)
+    with pytest.raises(ValueError, match="action"):
+        policy.compute_loss({"obs": batch["obs"], "action": batch["action"][:, :3]})
+    with pytest.raises(KeyError, match="object"):
+        policy.predict_action({k: v for k, v in batch["obs"].items() if k != "object"})
+
+
+def _fit(policy, batch, steps, lr):
+    opt = torch.optim.Adam(policy.parameters(), lr=lr)
+    torch.manual_seed(0)
+    policy.train()
+    g = torch.Generator().manual_seed(1)
+    first = policy.compute_loss(batch, generator=g).item()
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = policy.compute_loss(batch)
+        loss.backward()
+        opt.step()
+    g = torch.Generator().manual_seed(1)
+    policy.eval()
+    with torch.no_grad():
+        last = policy.compute_loss(batch, generator=g).item()
+    return first, last
+
+
+# The denoising/velocity loss of a generative policy keeps an irreducible part (the noise is drawn
+# afresh), so "drops a lot" is a halving there; the sampled chunks must still match the data.
+@pytest.mark.parametrize(
+    "kind,images,steps,loss_ratio",
+    [("mlp", True, 150, 0.2), ("diffusion", False, 600, 0.5), ("flow", False, 600, 0.5)],
+)
+def test_overfits_tiny_dataset(kind, images, steps, loss_ratio):
+    cfg = make_config(kind, images=images, **({} if kind == "mlp" else dict(down_dims=[32, 64], timestep_embed_dim=32)))
+    batch = make_batch(cfg, b=4)
+    policy = build_policy(cfg, stats_of(batch))
+    first, last = _fit(policy, batch, steps, 3e-3 if kind == "mlp" else 1e-3)
+    assert last < loss_ratio * first, (first, last)
+    # the fitted policy reproduces the demonstrated chunk it memorised (raw action units)
+    with torch.no_grad():
+        chunk = policy.sample_chunk(batch["obs"], generator=torch.Generator().manual_seed(0))
+    err = (chunk - batch["action"]).pow(2).mean().item()
+    spread = batch["action"].var().item()
+    assert err < 0.3 * spread, (err, spread)
+
+
+@pytest.mark.parametrize("kind,sampler", [("diffusion", "ddpm"), ("diffusion", "ddim"), ("flow", "ddpm")])
+def test_sampling_is_seeded(kind, sampler):
+    cfg = make_config(kind, sampler=sampler, num_inference_steps=5)
+    batch = make_batch(cfg)
+    policy = build_policy(cfg, stats_of(batch)).eval()
+    a = policy.predict_action(batch["obs"], generator=torch.Generator().manual_seed(3))
+    b = policy.predict_action(batch["obs"], generator=torch.Generator().manual_seed(3))
+    c = policy.predict_action(batch["obs"], generator=torch.Generator().manual_seed(4))
+    assert a.shape == (6, cfg.n_action_steps, cfg.action_dim)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+    # validation loss with a seeded generator is a fixed number
+    l1 = policy.compute_loss(batch, generator=torch.Generator().manual_seed(7))
+    l2 = policy.compute_loss(batch, generator=torch.Generator().manual_seed(7))
+    assert l1.item() == l2.item()
+
+
+def test_random_crop_only_in_training():
+    cfg = make_config("mlp", images=True)
+    batch = make_batch(cfg)
+    policy = build_policy(cfg, stats_of(batch))
+    policy.eval()
+    assert torch.equal(policy.predict_action(batch["obs"]), policy.predict_action(batch["obs"]))
+    policy.train()
+    torch.manual_seed(0)
+    l1 = policy.compute_loss(batch)
+    l2 = policy.compute_loss(batch)
+    assert l1.item() != l2.item()
+
+
+@pytest.mark.parametrize("kind,images", [("mlp", True), ("flow", False), ("diffusion", False)])
+def test_checkpoint_round_trip(tmp_path, kind, images):
+    cfg = make_config(kind, images=images)
+    batch = make_batch(cfg)
+    policy = build_policy(cfg, stats_of(batch))
+    ema = build_policy(cfg, stats_of(batch))
+    _fit(policy, batch, 5, 1e-3)
+    meta = {"step": 5, "val_loss": 0.5, "task": "lift"}
+    ckpt = save_checkpoint(tmp_path / "ckpt-0000005", policy, ema, {"step": 5}, {"lr": 1e-3}, meta)
+    assert sorted(p.name for p in ckpt.iterdir()) == sorted(
+        ["config.json", "model.safetensors", "ema.safetensors", "optimizer.pt", "meta.json"]
+    )
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    policy.eval()
+    ema.eval()
+    obs = batch["obs"]
+    loaded = load_policy(ckpt, ema=False)
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(loaded.predict_action(obs, generator=g()), policy.predict_action(obs, generator=g()))
+    loaded_ema = load_policy(ckpt)  # EMA weights by default
+    assert torch.equal(loaded_ema.predict_action(obs, generator=g()), ema.predict_action(obs, generator=g()))
+    assert not torch.equal(loaded_ema.predict_action(obs, generator=g()), loaded.predict_action(obs, generator=g()))
+    assert load_checkpoint_meta(ckpt)["step"] == 5
+    # rewriting the same folder replaces it atomically
+    save_checkpoint(ckpt, policy, policy, {}, {}, {"step": 6})
+    assert load_checkpoint_meta(ckpt)["step"] == 6
+
+
+def _saved(tmp_path):
+    cfg = make_config("mlp")
+    batch = make_batch(cfg)
+    policy = build_policy(cfg, stats_of(batch))
+    return save_checkpoint(tmp_path / "ckpt", policy, policy, {"step": 1, "x": torch.ones(3)}, {}, {"step": 1})
+
+
+def test_truncated_weights_error_names_file(tmp_path):
+    ckpt = _saved(tmp_path)
+    f = ckpt / "ema.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="ema.safetensors"):
+        load_policy(ckpt)
+    load_policy(ckpt, ema=False)  # the other file is intact
+
+
+def test_corrupt_files_error_names_file(tmp_path):
+    from dopr.policies.checkpoint import load_train_state
+
+    ckpt = _saved(tmp_path)
+    assert torch.equal(load_train_state(ckpt)["x"], torch.ones(3))
+    (ckpt / "optimizer.pt").write_bytes(b"garbage" * 10)
+    with pytest.raises(CheckpointError, match="optimizer.pt"):
+        load_train_state(ckpt)
+    (ckpt / "meta.json").write_text('{"step": 1, "val')
+    with pytest.raises(CheckpointError, match="meta.json"):
+        load_checkpoint_meta(ckpt)
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_policy(ckpt, ema=False)
+
+
+def test_mismatched_config_error_names_file(tmp_path):
+    ckpt = _saved(tmp_path)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["policy"]["action_dim"] = 5
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"ema.safetensors.*config.json"):
+        load_policy(ckpt)
+    cfg["policy"]["kind"] = "transformer"
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="config.json"):
+        load_policy(ckpt)
+
+
+def test_loading_executes_no_code(tmp_path):
+    """optimizer.pt with a pickled callable is refused (weights_only=True)."""
+    from dopr.policies.checkpoint import load_train_state
+
+    ckpt = _saved(tmp_path)
+    torch.save({"evil": print}, ckpt / "optimizer.pt")
+    with pytest.raises(CheckpointError, match="optimizer.pt"):
+        load_train_state(ckpt)

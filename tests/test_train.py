@@ -1,0 +1,155 @@
+"""`dopr train`: a real run folder, resume after a real SIGKILL, and DDP over 2 CPU processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_fixtures import make_store  # noqa: E402
+
+from dopr.policies import load_checkpoint_meta, load_policy  # noqa: E402
+
+torch.set_num_threads(1)
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def train_cmd(data, out, *extra, steps=40, policy="mlp", optim="dopr-adamw"):
+    return [sys.executable, "-m", "dopr.scripts.train", "--data", str(data), "--out", str(out), "--policy", policy,
+            "--optim", optim, "--steps", str(steps), "--batch-size", "32", "--seed", "3", "--threads", "1",
+            "--no-progress", *extra]
+
+
+def run(cmd, timeout=120):
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return make_store(tmp_path_factory.mktemp("data") / "demo.zarr")
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_run_folder_layout_and_learning(store, tmp_path):
+    from dopr.scripts.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["train", "--data", str(store), "--out", str(out), "--policy", "mlp", "--optim", "adamw",
+               "--steps", "120", "--batch-size", "32", "--lr", "1e-3", "--val-every", "40", "--ckpt-every", "60",
+               "--log-every", "20", "--threads", "1", "--no-progress"])
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["config.json", "metrics.jsonl", "tb", "ckpt-0000060", "ckpt-0000120", "ckpt-final"])
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["lr"] == 1e-3 and cfg["obs_keys"] == ["eef", "object"] and cfg["warmup_steps"] == 12
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [20, 40, 60, 80, 100, 120]
+    vals = [m["val_loss"] for m in metrics if "val_loss" in m]
+    assert len(vals) == 3 and vals[-1] < 0.5 * vals[0]
+    assert all({"train_loss", "lr", "steps_per_s", "data_frac"} <= set(m) for m in metrics)
+    assert metrics[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # cosine decays to 0 at the last step
+    meta = load_checkpoint_meta(out / "ckpt-final")
+    assert meta["step"] == 120 and meta["val_loss"] == vals[-1] and meta["task"] == "synthetic"
+    assert meta["obs_shapes"] == {"eef": [3], "object": [5]} and meta["action_dim"] == 7
+    assert meta["versions"]["mujoco"] == "3.6.0" and len(meta["dataset"]["fingerprint"]) == 64
+    assert (meta["n_obs_steps"], meta["horizon"], meta["n_action_steps"], meta["control_freq"]) == (2, 16, 8, 20)
+    state = torch.load(out / "ckpt-final" / "optimizer.pt", weights_only=True)
+    assert state["step"] == 120 and "optimizer" in state and "scheduler" in state
+    # the checkpoint alone acts: normalization is inside the policy
+    from dopr.data import SequenceDataset
+
+    val = SequenceDataset(str(store), ["eef", "object"], 2, 16, split="val", n_action_steps=8)
+    import numpy as np
+
+    batch = val[np.arange(len(val))]
+    policy = load_policy(out / "ckpt-final")
+    act = policy.predict_action(batch["obs"])
+    assert act.shape == (len(val), 8, 7)
+    mse = (act - batch["action"][:, 1:9]).pow(2).mean().item()
+    assert mse < 0.5 * batch["action"].var(dim=0).mean().item()
+    # an existing run folder is not overwritten by accident
+    with pytest.raises(FileExistsError, match="--resume"):
+        main(["train", "--data", str(store), "--out", str(out), "--steps", "10", "--threads", "1", "--no-progress"])
+
+
+def test_generative_policy_with_images_trains(tmp_path):
+    store = make_store(tmp_path / "img.zarr", n_episodes=4, length=12, image=True)
+    out = tmp_path / "flow"
+    from dopr.scripts.cli import main
+
+    rc = main(["train", "--data", str(store), "--out", str(out), "--policy", "flow", "--optim", "dopr-adamw",
+               "--steps", "6", "--batch-size", "8", "--down-dims", "16,32", "--val-ratio", "0.25", "--val-every", "3",
+               "--ckpt-every", "0", "--log-every", "3", "--inference-steps", "2", "--threads", "1", "--no-progress"])
+    assert rc == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("ckpt")) == ["ckpt-final"]
+    meta = load_checkpoint_meta(out / "ckpt-final")
+    assert meta["obs_shapes"]["cam"] == [16, 16, 3] and meta["val_action_mse"] is not None
+    assert load_policy(out / "ckpt-final").config.num_inference_steps == 2
+
+
+def test_resume_after_kill_matches_uninterrupted(store, tmp_path):
+    steps = 200
+    extra = ["--ckpt-every", "20", "--val-every", "50", "--log-every", "20"]
+    full = tmp_path / "full"
+    run(train_cmd(store, full, *extra, steps=steps))
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(store, killed, *extra, steps=steps), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (killed / "ckpt-0000040").is_dir():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert not (killed / "ckpt-final").exists(), "killed too late: the test would prove nothing"
+    run(train_cmd(store, killed, *extra, "--resume", steps=steps))
+
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(full / "ckpt-final" / name), load_file(killed / "ckpt-final" / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+    sa = torch.load(full / "ckpt-final" / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    sb = torch.load(killed / "ckpt-final" / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+    for i in sa:
+        for k, v in sa[i].items():
+            if torch.is_tensor(v):
+                assert torch.equal(v, sb[i][k]), (i, k)
+    # the log reads as one run: every step once, the same numbers
+    ma, mb = read_metrics(full), read_metrics(killed)
+    assert [m["step"] for m in mb] == [m["step"] for m in ma]
+    assert [m["train_loss"] for m in mb] == [m["train_loss"] for m in ma]
+    assert [m.get("val_loss") for m in mb] == [m.get("val_loss") for m in ma]
+
+
+def test_ddp_two_processes_match_one(store, tmp_path):
+    """2 gloo ranks, each on half of every batch, DoPr statistics all-reduced == one process on the whole batch."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    extra = ["--ckpt-every", "0", "--val-every", "10", "--log-every", "10"]
+    run(train_cmd(store, one, *extra, steps=20))
+    run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+         *train_cmd(store, two, *extra, steps=20)[1:]], timeout=180)
+    a, b = load_file(one / "ckpt-final" / "model.safetensors"), load_file(two / "ckpt-final" / "model.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+    state = torch.load(two / "ckpt-final" / "optimizer.pt", weights_only=True)
+    assert len(state["rng"]) == 2  # each rank's RNG, for resuming with 2 processes
+    assert read_metrics(two)[-1]["step"] == 20
