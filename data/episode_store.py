@@ -9,13 +9,16 @@ Layout (diffusion_policy's ReplayBuffer, so its datasets open here unchanged, za
 Appending is atomic. The data arrays are grown and written first; the episode is committed by
 growing meta/episode_ends by one element, whose new value is written into the chunk *before* the
 array's shape is updated, so that the commit is a single metadata-file write (zarr writes every
-file to a temporary name and renames it). A writer killed at any moment therefore leaves a store
-whose episode_ends names only complete episodes; steps written past episode_ends[-1] are ignored
-by readers and cut off when the store is next opened for appending.
+file to a temporary name and renames it, since zarr-python PR #3412 of Aug 2025; 3.1.5 is
+installed and tested here). A writer killed at any moment therefore leaves a store whose
+episode_ends names only complete episodes; steps written past episode_ends[-1] are ignored by
+readers and cut off when the store is next opened for appending. One writer at a time: appends
+from two processes into one store are not coordinated.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 from collections.abc import Mapping
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync as _sync
 
 from dopr.data.validate import EpisodeStoreError, check_episode, check_store
 
@@ -74,6 +78,14 @@ def _append_element_atomically(arr: zarr.Array, value) -> None:
     arr.resize((n + 1,))
 
 
+async def _grow_and_write(arrays, start: int, end: int) -> None:
+    """Resize every data array to `end` steps, then write steps [start, end) of each: all keys
+    at once on zarr's event loop (one synchronous round trip per key would dominate an append)."""
+    await asyncio.gather(*(arr.resize((end, *arr.shape[1:])) for arr, _ in arrays))
+    await asyncio.gather(*(arr.setitem(slice(start, end), value.astype(arr.dtype, copy=False))
+                           for arr, value in arrays))
+
+
 class EpisodeStore:
     """A zarr episode store. Build with `create` or `open`, never directly."""
 
@@ -82,6 +94,8 @@ class EpisodeStore:
         self.path = path
         self.mode = mode
         self._ends = self._read_episode_ends()
+        # opened once: opening a zarr array reads its metadata file, which would dominate appends
+        self._arrays = {k: group["data"][k] for k in group["data"].array_keys()}
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -144,11 +158,12 @@ class EpisodeStore:
             raise EpisodeStoreError(f"{self.path}: missing meta/episode_ends (not an episode store)")
         if "data" not in self._group:
             raise EpisodeStoreError(f"{self.path}: missing the data/ group (not an episode store)")
-        return np.asarray(self._group["meta/episode_ends"][:])
+        self._ends_array = self._group["meta/episode_ends"]
+        return np.asarray(self._ends_array[:])
 
     def refresh(self) -> None:
-        """Re-read episode_ends, e.g. to see episodes another process appended since opening."""
-        self._ends = self._read_episode_ends()
+        """Re-read the store, e.g. to see episodes another process appended since opening."""
+        self.__init__(self._group, self.path, self.mode)
 
     @property
     def zarr_format(self) -> int:
@@ -172,7 +187,7 @@ class EpisodeStore:
 
     @property
     def keys(self) -> list[str]:
-        return sorted(self._group["data"].array_keys())
+        return sorted(self._arrays)
 
     @property
     def attrs(self):
@@ -181,9 +196,9 @@ class EpisodeStore:
 
     def array(self, key: str) -> zarr.Array:
         """The zarr array data/<key>. It may hold steps past n_steps (an interrupted append): slice [:n_steps]."""
-        if key not in self._group["data"]:
+        if key not in self._arrays:
             raise KeyError(f"{self.path}: no key data/{key} (keys: {', '.join(self.keys)})")
-        return self._group["data"][key]
+        return self._arrays[key]
 
     def episode_range(self, i: int) -> tuple[int, int]:
         n = self.n_episodes
@@ -199,7 +214,7 @@ class EpisodeStore:
     def validate(self, full: bool = False) -> None:
         """Raise EpisodeStoreError naming the key and episode of the first problem found.
         full=True also reads every float array to look for NaN/inf."""
-        check_store(self._group, self._ends, self.path, full=full)
+        check_store(self._arrays, self._ends, dict(self.attrs), self.path, full=full)
 
     def __len__(self) -> int:
         return self.n_episodes
@@ -228,25 +243,22 @@ class EpisodeStore:
         self._require_writable()
         index = self.n_episodes
         episode = {k: np.asarray(v) for k, v in episode.items()}
-        existing = {k: self.array(k) for k in self.keys} if index > 0 else None
-        check_episode(episode, existing, self.path, index)
-        data = self._group["data"]
+        check_episode(episode, self._arrays if index > 0 else None, self.path, index)
         if index == 0:  # the key set is not committed yet: (re)create every array from this episode
+            data = self._group["data"]
             for key in self.keys:
                 del data[key]
             fmt = self.zarr_format
+            self._arrays = {}
             for key, value in episode.items():
-                data.create_array(
+                self._arrays[key] = data.create_array(
                     key, shape=(0, *value.shape[1:]), dtype=value.dtype,
                     chunks=chunks_for(value.shape[1:], value.dtype),
                     compressors=_compressors(fmt), fill_value=0,
                 )
         start = self.n_steps
         end = start + len(next(iter(episode.values())))
-        for key, value in episode.items():
-            arr = data[key]
-            arr.resize((end, *arr.shape[1:]))
-            arr[start:end] = value.astype(arr.dtype, copy=False)
-        _append_element_atomically(self._group["meta/episode_ends"], end)  # the commit
+        _sync(_grow_and_write([(self._arrays[k]._async_array, v) for k, v in episode.items()], start, end))
+        _append_element_atomically(self._ends_array, end)  # the commit
         self._ends = np.append(self._ends, np.int64(end))
         return index

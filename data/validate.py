@@ -77,8 +77,9 @@ def check_episode(episode: dict[str, np.ndarray], existing: dict | None, path, i
             raise EpisodeStoreError(f"{path}: data/{key}{where} has NaN or inf at step {step}")
 
 
-def check_store(group, ends: np.ndarray, path, full: bool = False) -> None:
-    """Raise EpisodeStoreError on the first problem in an opened store's zarr group.
+def check_store(arrays: dict, ends: np.ndarray, attrs: dict, path, full: bool = False) -> None:
+    """Raise EpisodeStoreError on the first problem in an opened store: its data arrays
+    ({key: zarr array}), meta/episode_ends and attrs.
 
     Cheap checks read only metadata and episode_ends; full=True also scans float data for NaN/inf.
     """
@@ -95,16 +96,14 @@ def check_store(group, ends: np.ndarray, path, full: bool = False) -> None:
             raise EpisodeStoreError(f"{path}: meta/episode_ends is not increasing at episode {i}: "
                                     f"ends at {ends[i]} after episode {i - 1} ended at {ends[i - 1]}")
     n_steps = int(ends[-1]) if len(ends) else 0
-    data = group["data"]
-    keys = sorted(data.array_keys())
-    attrs = dict(group.attrs)
+    keys = sorted(arrays)
     required = list(attrs.get("obs_keys") or []) + ([attrs["action_key"]] if attrs.get("action_key") else [])
     for key in required:
         if key not in keys and len(ends):
             raise EpisodeStoreError(f"{path}: missing key data/{key} (named in the store's attrs; "
                                     f"keys present: {keys})")
     for key in keys:
-        arr = data[key]
+        arr = arrays[key]
         _check_dtype(path, key, np.dtype(arr.dtype), "")
         if arr.shape[0] < n_steps:
             i = _episode_of_step(ends, arr.shape[0])
@@ -115,7 +114,7 @@ def check_store(group, ends: np.ndarray, path, full: bool = False) -> None:
         from tqdm import tqdm
 
         for key in tqdm(keys, desc="scanning for NaN/inf", disable=n_steps < 1_000_000, leave=False):
-            arr = data[key]
+            arr = arrays[key]
             if np.dtype(arr.dtype).kind != "f":
                 continue
             step_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * np.dtype(arr.dtype).itemsize

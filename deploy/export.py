@@ -154,7 +154,9 @@ class ExportablePolicy(nn.Module):
             self.steps = diffusion_steps(sched, cfg.num_inference_steps)
             self.clip_range = float(sched.config.clip_sample_range) if sched.config.clip_sample else None
             self.predicts_epsilon = sched.config.prediction_type == "epsilon"
-            self.is_ddpm = cfg.sampler == "ddpm"
+            from diffusers import DDPMScheduler
+
+            self.is_ddpm = isinstance(sched, DDPMScheduler)
 
     @property
     def noise_shape(self) -> list[int] | None:

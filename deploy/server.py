@@ -35,7 +35,7 @@ def validate_observation(obs: Any, meta: dict) -> tuple[dict[str, np.ndarray], b
     if not isinstance(obs, dict):
         raise BadRequest(f"request must be a map of observation arrays, got {type(obs).__name__}")
     n_obs = meta["n_obs_steps"]
-    batched, batch_size, out = None, None, {}
+    first, batched, batch_size, out = None, None, None, {}
     for key in meta["obs_keys"]:
         if key not in obs:
             raise BadRequest(f"missing observation key '{key}'; expected keys {meta['obs_keys']}")
@@ -55,16 +55,16 @@ def validate_observation(obs: Any, meta: dict) -> tuple[dict[str, np.ndarray], b
                 f"observation '{key}' has shape {value.shape}, expected {(n_obs, *step_shape)} "
                 f"or (B, {', '.join(map(str, (n_obs, *step_shape)))})"
             )
-        if batched is None:
-            batched = is_batched
-        elif batched != is_batched:
-            raise BadRequest(f"observation '{key}' is {'' if is_batched else 'not '}batched but earlier keys are"
-                             f"{'' if batched else ' not'}")
         value = value if is_batched else value[None]
-        if batch_size is None:
-            batch_size = value.shape[0]
+        if value.shape[0] == 0:
+            raise BadRequest(f"observation '{key}' is an empty batch")
+        if first is None:
+            first, batched, batch_size = key, is_batched, value.shape[0]
+        elif is_batched != batched:
+            raise BadRequest(f"observation '{key}' is {'' if is_batched else 'not '}batched, "
+                             f"'{first}' is {'' if batched else 'not '}batched")
         elif value.shape[0] != batch_size:
-            raise BadRequest(f"observation '{key}' has batch size {value.shape[0]}, earlier keys {batch_size}")
+            raise BadRequest(f"observation '{key}' has batch size {value.shape[0]}, '{first}' has {batch_size}")
         if dtype.kind == "f" and not np.isfinite(value).all():
             raise BadRequest(f"observation '{key}' holds NaN or inf")
         out[key] = value

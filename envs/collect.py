@@ -1,6 +1,6 @@
 """Collect expert demonstrations into an EpisodeStore with parallel worker processes.
 
-    summary = collect("lift", n_episodes=200, out="demos/lift.zarr", workers=2)
+    summary = collect(CollectConfig(task="lift", n_episodes=200, out="out/demos/lift.zarr", workers=2))
 
 Episode k of a store is the rollout of the task's expert from seed `seed + j` for some j, and the
 seeds are consumed in increasing order: the parent appends results in seed order and stops at the
@@ -60,6 +60,7 @@ class CollectSummary:
     env_steps: int  # simulator steps of all rollouts of this run
     seconds: float  # wall time from start to the last append
     first_result_seconds: float = 0.0  # wall time until the first episode came back (startup)
+    store_seconds: float = 0.0  # parent time spent writing the store (appends and attrs)
     seeds: list[int] = field(default_factory=list)  # seeds of the episodes added
 
 
@@ -69,8 +70,6 @@ _worker: dict = {}
 
 
 def _init_worker(task: str, obs: str, horizon: int | None, image_size: int, noise_std: float):
-    # one simulator thread per process: workers are the parallelism
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     _worker.update(task=task, noise_std=noise_std, error=None)
     try:
         from dopr.envs import tasks
@@ -114,7 +113,6 @@ def _run_episode(seed: int) -> dict:
 
     if _worker["error"] is not None:
         raise RuntimeError(f"worker could not build task {_worker['task']!r}: {_worker['error']}")
-
     expert = tasks.make_expert(_worker["task"], seed=seed, noise_std=_worker["noise_std"])
     return rollout(_worker["env"], expert, seed)
 
@@ -259,10 +257,7 @@ def collect(cfg: CollectConfig) -> CollectSummary:
         expected_keys.add(EXECUTED_ACTION_KEY)
 
     init_args = (cfg.task, cfg.obs, cfg.horizon, cfg.image_size, cfg.noise_std)
-    pool = None
-    if cfg.workers > 0:
-        pool = multiprocessing.get_context("spawn").Pool(
-            cfg.workers, initializer=_init_worker, initargs=init_args)
+    pool = _start_pool(cfg.workers, init_args) if cfg.workers > 0 else None
     bar = tqdm(total=cfg.n_episodes, initial=start_episodes, disable=not cfg.progress,
                desc=f"collect {cfg.task}", unit="ep")
     seeds = range(next_seed, next_seed + max_attempts)
@@ -280,12 +275,14 @@ def collect(cfg: CollectConfig) -> CollectSummary:
             summary.successes += result["success"]
             next_seed = result["seed"] + 1
             keep = result["success"] or cfg.keep_failed
+            t_store = time.perf_counter()
             _record(store, result if keep else None, next_seed, attempts=1)
             if keep:
                 store.append_episode(result["episode"])
                 summary.added += 1
                 summary.seeds.append(result["seed"])
                 bar.update(1)
+            summary.store_seconds += time.perf_counter() - t_store
             bar.set_postfix(success=f"{summary.successes}/{summary.attempts}")
             if summary.added >= needed:
                 break
@@ -303,6 +300,23 @@ def collect(cfg: CollectConfig) -> CollectSummary:
             "Running the command again continues from there."
         )
     return summary
+
+
+def _start_pool(workers: int, init_args: tuple):
+    """Spawned worker processes, each with one env and one BLAS/OpenMP thread (the workers are
+    the parallelism; the variables are read when numpy/torch load, so they are set for the spawn)."""
+    threads = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    saved = {name: os.environ.get(name) for name in threads}
+    os.environ.update(threads)
+    try:
+        return multiprocessing.get_context("spawn").Pool(
+            workers, initializer=_init_worker, initargs=init_args)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _results_in_seed_order(pool, workers: int, init_args: tuple, seeds: range):

@@ -14,9 +14,10 @@ one (documented on its TaskSpec in GYM_TASKS and implemented in `_SuccessCheck` 
   the pole stays within gymnasium's +-0.2 rad for the whole horizon, as above. Horizon 500 steps
   at 25 Hz (20 s).
 
-Pusher-v5 is not a task: a scripted push with this arm (operational-space control of the fork)
-reached 0 of 20 seeded episodes; the wrist cannot hold the fork level at table height near the
-arm's base (measured with an IK check), so no expert reaches the 95% the tasks need.
+Pusher-v5 is not a task (yet): the scripted push tried for it (operational-space control of the
+fork, behind the object and then towards the goal) succeeded on 0 of 20 seeded episodes, far from
+the 95% every task's expert must reach. An IK check shows the wrist's joint limits do not let the
+fork lie level at table height for objects near the arm's base.
 
 Like robosuite's `_check_success`, `info["success"]` is the check at the current step; whoever runs
 the episode decides whether to stop on it (the collector does).

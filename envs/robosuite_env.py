@@ -205,6 +205,17 @@ class RobosuiteEnv(gymnasium.Env):
             env.deterministic_reset = False
         self.sim.set_state_from_flattened(state)
         self.sim.forward()
+        # The arm controllers were built at the reset pose: they cache the end-effector pose the
+        # next goal is relative to, and OSC's null-space posture target (`initial_joint`, the
+        # episode's first joint configuration). Rebuild both at the restored state, as a normal
+        # reset does at the episode's start (exact for a first state; for a mid-episode state the
+        # posture target becomes that state's joints, a small difference in null-space torque).
+        for robot in env.robots:
+            for name, controller in robot.composite_controller.part_controllers.items():
+                controller.update(force=True)
+                if "gripper" not in name and hasattr(controller, "initial_joint"):
+                    controller.initial_joint = np.array(controller.joint_pos)
+                controller.reset_goal()
         self._t = 0
         return self._convert(env._get_observations(force_update=True))
 

@@ -22,15 +22,12 @@ Noise: `noisy(action)` adds seeded Gaussian noise of std `noise_std` to the exec
 deltas (the first 3 action dims); the clean `act` output is the label to store. With noise the
 demonstrations leave the nominal path and the feedback brings them back (recoveries).
 
-    python -m dopr.envs.robosuite_experts --task lift --episodes 100   # success rate of the expert
+    python -m dopr.envs.measure_experts --task lift --episodes 100   # success rate of the expert
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,6 +40,7 @@ POS_SCALE = 0.05  # m per unit action (robosuite's default OSC_POSE output_max)
 ROT_SCALE = 0.5  # rad per unit action
 POS_GAIN = 2.0
 MAX_ROT_ACTION = 0.4
+CARRY_SPEED = 0.5  # action units (x 0.05 m per step) while holding an object
 HOVER = 0.15  # m above the grasp point while travelling (clears the 0.13 m tall pegs)
 RETREAT_Z = 1.1  # m, world height the hand retreats to when done (tables are at ~0.8 m)
 EMPTY_GRIP_WIDTH = 0.006  # finger opening (m) below which a closed gripper holds nothing
@@ -219,17 +217,20 @@ class ScriptedExpert:
             obj_target = np.array([goal[0], goal[1], obj_target_z])
         release = xy_err < tol_xy and obj[2] - goal[2] < tol_z and abs(turn) < 0.1
         target = eef + (obj_target - obj)
-        return self._action(eef, eef_mat, target, turn, GRIP_OPEN if release else GRIP_CLOSE)
+        # slower with a load: a heavy nut overshooting the far pegs straightens the elbow, and
+        # OSC_POSE cannot leave that singular pose
+        return self._action(eef, eef_mat, target, turn, GRIP_OPEN if release else GRIP_CLOSE,
+                            max_speed=CARRY_SPEED)
 
     @staticmethod
-    def _action(eef, eef_mat, target, turn, grip) -> np.ndarray:
+    def _action(eef, eef_mat, target, turn, grip, max_speed: float = 1.0) -> np.ndarray:
         """Move the grip site toward `target`, keep the hand pointing down, turn its yaw by `turn`."""
         # OSC_POSE's goal is "here + delta" with a stiffness of 150 N/m: a delta equal to the
         # position error cannot hold a payload up, so command twice the error (speed still capped)
         delta = POS_GAIN * (np.asarray(target) - eef) / POS_SCALE
         norm = np.linalg.norm(delta)
-        if norm > 1.0:  # keep the direction, cap the speed
-            delta = delta / norm
+        if norm > max_speed:  # keep the direction, cap the speed
+            delta = delta * (max_speed / norm)
         # tilt back to vertical at the current yaw, plus a yaw turn about the world z axis; kept
         # apart so that large turns do not hit the axis-angle ambiguity near pi
         rot = _rotvec(_down_with_yaw(_yaw_of(eef_mat)) @ eef_mat.T) + np.array([0.0, 0.0, turn])
@@ -365,78 +366,3 @@ def make_robosuite_expert(spec: TaskSpec, seed: int | None = None,
         raise ValueError(f"no scripted expert for robosuite task {spec.name!r}; "
                          f"known: {sorted(STAGES)}")
     return ScriptedExpert(STAGES[spec.name], seed=seed, noise_std=noise_std)
-
-
-# --- measuring the experts -----------------------------------------------------------------------
-def run_episode(env, expert, seed: int, horizon: int | None = None,
-                stop_on_success: bool = True) -> dict:
-    """One seeded expert episode; returns success, steps and the recorded states/actions."""
-    obs, info = env.reset(seed=seed)
-    expert.reset()
-    horizon = horizon or env.horizon
-    states, actions, success = [env.get_state()], [], False
-    for _ in range(horizon):
-        action = expert.noisy(expert.act(env))
-        obs, _, terminated, truncated, info = env.step(action)
-        actions.append(action)
-        states.append(env.get_state())
-        if info["success"]:
-            success = True
-            if stop_on_success:
-                break
-        if terminated or truncated:
-            break
-    return {"success": success, "steps": len(actions), "states": np.array(states),
-            "actions": np.array(actions)}
-
-
-def measure_success(task: str, episodes: int = 100, first_seed: int = 0, noise_std: float = 0.0,
-                    progress: bool = True) -> dict:
-    """Success of the scripted expert on `episodes` seeded episodes (seeds first_seed, ...)."""
-    from tqdm import tqdm
-
-    from dopr.envs.tasks import make, make_expert
-
-    env = make(task)
-    expert = make_expert(task, seed=first_seed, noise_std=noise_std)
-    successes, steps, failed = 0, [], []
-    start = time.perf_counter()
-    bar = tqdm(range(first_seed, first_seed + episodes), desc=f"{task} expert",
-               disable=not progress)
-    for seed in bar:
-        result = run_episode(env, expert, seed)
-        successes += result["success"]
-        steps.append(result["steps"])
-        if not result["success"]:
-            failed.append(seed)
-        bar.set_postfix(success=f"{successes}/{seed - first_seed + 1}")
-    seconds = time.perf_counter() - start
-    return {"task": task, "episodes": episodes, "successes": successes,
-            "success_rate": successes / episodes, "mean_steps": float(np.mean(steps)),
-            "max_steps": int(np.max(steps)), "failed_seeds": failed,
-            "steps_per_s": float(np.sum(steps) / seconds), "seconds": seconds}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m dopr.envs.robosuite_experts",
-        description="Measure the scripted experts' success on seeded episodes (seeds "
-                    "first-seed ... first-seed+episodes-1), no rendering.")
-    parser.add_argument("--task", action="append", choices=sorted(STAGES),
-                        help="task to measure (repeatable; default: all robosuite tasks)")
-    parser.add_argument("--episodes", type=int, default=100)
-    parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--noise-std", type=float, default=0.0,
-                        help="Gaussian noise std on the executed position deltas")
-    args = parser.parse_args(argv)
-    for task in args.task or sorted(STAGES):
-        r = measure_success(task, args.episodes, args.first_seed, args.noise_std)
-        print(f"{task}: {r['successes']}/{r['episodes']} successful "
-              f"({100 * r['success_rate']:.0f}%), mean {r['mean_steps']:.0f} steps "
-              f"(max {r['max_steps']}), {r['steps_per_s']:.0f} steps/s, "
-              f"failed seeds {r['failed_seeds'][:20]}", flush=True)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -133,8 +133,9 @@ class _EpisodeRunner:
                 model, mujoco.mjtObj.mjOBJ_CAMERA, "agentview") >= 0 else -1
         if not isinstance(model, mujoco.MjModel) or not isinstance(data, mujoco.MjData):
             raise RuntimeError("the env exposes no MuJoCo model/data to render")
-        if getattr(self, "_renderer", None) is None:
+        if getattr(self, "_renderer_model", None) is not model:  # a hard reset rebuilds the model
             self._renderer = mujoco.Renderer(model, VIDEO_SIZE, VIDEO_SIZE)
+            self._renderer_model = model
         self._renderer.update_scene(data, camera=camera)
         return self._renderer.render()
 

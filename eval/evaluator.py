@@ -140,6 +140,8 @@ def evaluate_policy(
 ) -> EvalResult:
     """Evaluate an in-memory Policy on `task` closed-loop; see the module docstring.
 
+    The policy is moved to `device` and put in eval mode for the evaluation (its train/eval mode
+    is restored afterwards).
     out_dir (optional) receives results.json, episodes.jsonl and videos/. `protocol` adds entries
     to the recorded protocol (evaluate_checkpoint passes the checkpoint path and its meta).
     """
@@ -188,6 +190,7 @@ def evaluate_policy(
     if videos and out_dir is None:
         print("videos: no output folder given, so no videos are written")
 
+    was_training = policy.training
     policy = policy.to(device).eval()
     policy.reset()
     # one generator for the sampling noise of stochastic policies (diffusion, flow): repeatable runs
@@ -201,6 +204,11 @@ def evaluate_policy(
              log, state, progress, source, pad_batch)
     except KeyboardInterrupt:
         interrupted = True
+    except BaseException:
+        log.close()
+        raise
+    finally:
+        policy.train(was_training)
     result = _summarize(task, state, full_protocol, interrupted, out_dir)
     log.rewrite_sorted(result.episodes)
     if out_dir is not None:
@@ -239,7 +247,7 @@ def _run(policy, plan, env_spec, workers, cfg, n_exec, device, generator, episod
 
     def fault(i, slots, err: WorkerFault):
         slot = slots[i]
-        state["restarts"] += 1
+        state["restarts"] = pool.n_restarts
         finish(i, slots, {"success": False, "steps": slot.steps, "return": slot.ret, "time_to_success": None,
                           "error": str(err)})
 

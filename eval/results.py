@@ -116,7 +116,10 @@ class EpisodeLog:
 
 
 def read_episodes(path: str) -> list[dict]:
-    """Episodes of episodes.jsonl; a torn last line (process killed mid-write) is skipped."""
+    """Episodes of episodes.jsonl (or of an evaluation folder holding one); a torn last line
+    (process killed mid-write) is skipped."""
+    if os.path.isdir(path):
+        path = os.path.join(path, EPISODES_FILE)
     records = []
     with open(path) as f:
         for line in f:

@@ -39,6 +39,8 @@ def parse_args(argv):
     p.add_argument("--no-unet", action="store_true", help="skip the UNet")
     p.add_argument("--widths", type=int, nargs="*", default=[256, 512, 1024, 2048, 4096],
                    help="layer widths for the optimizer-step scaling table (none to skip)")
+    p.add_argument("--width-optimizers", nargs="+", default=["adamw", "dopr-adamw"],
+                   help="optimizers for the width table (Muon's bfloat16 Newton-Schulz at 4096 takes minutes on a CPU)")
     p.add_argument("--damping", type=float, default=None, help="DoPr damping (default: DoPr's)")
     p.add_argument("--stats", choices=["batch", "ema"], default=None, help="DoPr statistics mode (default: DoPr's)")
     p.add_argument("--stats-every", type=int, default=None, help="DoPr stats_every (default: DoPr's)")
@@ -142,15 +144,16 @@ def main(argv=None) -> int:
 
     # ---- 2. optimizer-step cost against layer width
     if args.widths:
-        dopr_names = [n for n in args.optimizers if n.startswith("dopr")]
+        names = args.width_optimizers
+        dopr_names = [n for n in names if n.startswith("dopr")]
         print(f"\nOptimizer step on one Linear(w, w), batch 256, ms per step (amortized over {steps} steps); "
-              f"x = whole step (fwd+bwd+opt) / {args.optimizers[0]}'s")
-        print("  " + f"{'width':>6} {'fwd+bwd':>9} " + " ".join(f"{n:>12}" for n in args.optimizers)
+              f"x = whole step (fwd+bwd+opt) / {names[0]}'s")
+        print("  " + f"{'width':>6} {'fwd+bwd':>9} " + " ".join(f"{n:>12}" for n in names)
               + " " + " ".join(f"{n + ' x':>13}" for n in dopr_names))
         for w in args.widths:
             xw = torch.randn(256, w, device=device)
             fb, opt_ms = [], {}
-            for name in args.optimizers:
+            for name in names:
                 torch.manual_seed(0)
                 layer = nn.Linear(w, w).to(device)
                 opt = build(name, layer, lr=1e-4, **(dopr_kw if name.startswith("dopr") else {}))
@@ -169,8 +172,8 @@ def main(argv=None) -> int:
                 opt_ms[name] = 1e3 * sum(step_times[1:]) / steps
                 del layer, opt
             f = 1e3 * statistics.median(fb)
-            ref = opt_ms[args.optimizers[0]]
-            print("  " + f"{w:>6} {f:9.2f} " + " ".join(f"{opt_ms[n]:12.2f}" for n in args.optimizers) + " "
+            ref = opt_ms[names[0]]
+            print("  " + f"{w:>6} {f:9.2f} " + " ".join(f"{opt_ms[n]:12.2f}" for n in names) + " "
                   + " ".join(f"{(f + opt_ms[n]) / (f + ref):13.2f}" for n in dopr_names), flush=True)
     return 0
 

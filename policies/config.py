@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
+
 POLICY_KINDS = ("mlp", "diffusion", "flow")
 
 
@@ -58,6 +60,11 @@ class PolicyConfig:
     @property
     def lowdim_keys(self) -> list[str]:
         return [k for k, s in self.obs_shapes.items() if not is_image_shape(s)]
+
+    @property
+    def lowdim_dims(self) -> dict[str, int]:
+        """Features per step of each low-dim key (a (D,) vector; a scalar counts as 1)."""
+        return {k: int(np.prod(self.obs_shapes[k])) if self.obs_shapes[k] else 1 for k in self.lowdim_keys}
 
     def to_dict(self) -> dict:
         return asdict(self)

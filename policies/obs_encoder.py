@@ -28,7 +28,7 @@ class ObsEncoder(nn.Module):
                 for key in config.image_keys
             }
         )
-        lowdim = sum(config.obs_shapes[k][-1] if config.obs_shapes[k] else 1 for k in config.lowdim_keys)
+        lowdim = sum(config.lowdim_dims.values())
         self.step_dim = lowdim + config.image_feature_dim * len(config.image_keys)
         self.output_dim = self.step_dim * config.n_obs_steps
 

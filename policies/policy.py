@@ -26,9 +26,7 @@ class Policy(nn.Module):
     def __init__(self, config: PolicyConfig, stats: dict | None = None):
         super().__init__()
         self.config = config
-        dims = {k: (config.obs_shapes[k][-1] if config.obs_shapes[k] else 1) for k in config.lowdim_keys}
-        dims["action"] = config.action_dim
-        self.normalizer = Normalizer(dims, stats, mode=config.norm_mode)
+        self.normalizer = Normalizer({**config.lowdim_dims, "action": config.action_dim}, stats, mode=config.norm_mode)
         self.obs_encoder = ObsEncoder(config)
 
     def compute_loss(self, batch: dict, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -8,6 +8,7 @@ import importlib
 # benchmark -> module with `main(argv) -> int`
 BENCHMARKS = {
     "optim": "dopr.optim.bench",
+    "data": "dopr.data.bench",
     "collect": "dopr.envs.bench",
     "train": "dopr.policies.bench",
     "eval": "dopr.eval.bench",
@@ -18,7 +19,7 @@ BENCHMARKS = {
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "bench",
-        help="speed/memory benchmarks (optim, collect, train, eval, serve)",
+        help="speed/memory benchmarks (optim, data, collect, train, eval, serve)",
         description="Run a benchmark; every benchmark prints ratios measured side by side in one run. "
         "Pass the benchmark's own options after its name (`dopr bench optim --help`).",
     )

@@ -44,7 +44,7 @@ def main(args) -> int:
     )
     try:
         summary = collect(cfg)
-    except (KeyError, ValueError, FileExistsError) as err:  # bad task name, mismatched store
+    except (KeyError, ValueError, RuntimeError, OSError) as err:  # bad task or store, failed workers
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"dopr collect: error: {message}", file=sys.stderr)
         return 2

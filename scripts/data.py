@@ -33,6 +33,16 @@ def add_parser(sub) -> None:
     imp.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     imp.set_defaults(action=main_import)
 
+    spl = cmds.add_parser("split", help="record a seeded episode-level train/val split in the store's attrs",
+                          description="Draw a seeded train/validation split over the store's episodes and record "
+                          "it in attrs['split'], where training takes it from (a split that came with the data, "
+                          "e.g. robomimic's masks, is replaced only with --force).")
+    spl.add_argument("path", help="the store (a .zarr folder)")
+    spl.add_argument("--val-ratio", type=float, default=0.1, help="fraction of episodes for validation (default 0.1)")
+    spl.add_argument("--seed", type=int, default=0, help="seed of the split (default 0)")
+    spl.add_argument("--force", action="store_true", help="replace a split that came with the data")
+    spl.set_defaults(action=main_split)
+
     rep = cmds.add_parser("check-replay", help="replay stored actions from stored states; compare success",
                           description="For each episode, reset the task's env to the episode's first stored "
                           "simulator state (data/state), step its stored actions, and check that the "
@@ -104,6 +114,18 @@ def main_import(args) -> int:
 
     store = import_robomimic(args.hdf5, args.out, overwrite=args.overwrite)
     print(f"wrote {store.path}: {store.n_episodes} episodes, {store.n_steps} steps, keys {', '.join(store.keys)}")
+    return 0
+
+
+def main_split(args) -> int:
+    from dopr.data import EpisodeStore, record_split
+
+    store = EpisodeStore.open(args.path, mode="a")
+    old = dict(store.attrs).get("split")
+    if old and old.get("source", "seeded") != "seeded" and not args.force:
+        raise SystemExit(f"{store.path}: holds a {old['source']} split; pass --force to replace it")
+    train, val = record_split(store, args.val_ratio, args.seed)
+    print(f"{store.path}: split recorded: {len(train)} train / {len(val)} val episodes (seed {args.seed})")
     return 0
 
 

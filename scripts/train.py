@@ -327,13 +327,15 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def find_resume_checkpoint(cfg: TrainConfig) -> Path:
-    from dopr.policies.checkpoint import latest_checkpoint
+    from dopr.policies.checkpoint import CHECKPOINT_FILES, latest_checkpoint, load_checkpoint_meta
 
     if cfg.resume == "latest":
         ckpt = latest_checkpoint(cfg.out)
         final = Path(cfg.out) / "ckpt-final"
-        if ckpt is None and final.is_dir():
-            ckpt = final
+        if all((final / f).is_file() for f in CHECKPOINT_FILES) and (
+            ckpt is None or load_checkpoint_meta(final)["step"] > load_checkpoint_meta(ckpt)["step"]
+        ):
+            ckpt = final  # ckpt-final is newer when --ckpt-every does not divide --steps
         if ckpt is None:
             raise FileNotFoundError(f"{cfg.out}: no complete checkpoint to resume from")
         return ckpt

@@ -6,7 +6,7 @@ import h5py
 import numpy as np
 import pytest
 
-from dopr.data import EpisodeStore, EpisodeStoreError, import_robomimic
+from dopr.data import EpisodeStore, EpisodeStoreError, import_robomimic, split_episodes
 from dopr.scripts.cli import main as dopr
 
 # written in a shuffled order, with N past 9 so that string order (demo_10 < demo_2) is wrong
@@ -80,6 +80,10 @@ def test_import_robomimic(tmp_path, capsys):
 
     with pytest.raises(FileExistsError):
         import_robomimic(src, out)
+    with pytest.raises(SystemExit, match="holds a robomimic split"):
+        dopr(["data", "split", str(out)])
+    assert dopr(["data", "split", str(out), "--val-ratio", "0.5", "--seed", "3", "--force"]) == 0
+    assert EpisodeStore.open(out).attrs["split"]["val"] == split_episodes(6, 0.5, 3)[1].tolist()
 
 
 def test_import_errors_name_file_and_demo(tmp_path):

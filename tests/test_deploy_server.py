@@ -80,6 +80,8 @@ def _bad_requests():
     mixed_batch = {**good, "object": good["object"][None]}
     not_finite = {**good, "object": np.full((2, 5), np.nan, np.float32)}
     not_array = {**good, "object": [[0.0] * 5] * 2}
+    batch_sizes = {k: np.repeat(v[None], n, axis=0) for (k, v), n in zip(good.items(), (2, 3))}
+    empty = {k: np.zeros((0, *v.shape), np.float32) for k, v in good.items()}
     return {
         "missing key": (packb(missing), "missing observation key 'object'"),
         "wrong shape": (packb(wrong_shape), r"'object' has shape \(2, 4\), expected \(2, 5\)"),
@@ -88,6 +90,8 @@ def _bad_requests():
         "mixed batching": (packb(mixed_batch), "batched"),
         "nan": (packb(not_finite), "NaN or inf"),
         "not an array": (packb(not_array), "must be a numpy array"),
+        "batch sizes differ": (packb(batch_sizes), "'object' has batch size 3, 'robot0_eef_pos' has 2"),
+        "empty batch": (packb(empty), "empty batch"),
         "not a map": (packb([1, 2, 3]), "must be a map"),
         "garbage bytes": (b"\xc1\xff\x00 this is not msgpack", "not a valid msgpack message"),
         "truncated array": (packb(good)[:-7], "not a valid msgpack message|needs"),

@@ -75,7 +75,7 @@ def test_spearman_matches_hand_computed_values():
 # real checkpoints, real workers
 
 
-def _save_checkpoint(path, task=TASK, obs_dim=None, seed=0, meta_task=None):
+def _save_checkpoint(path, task=TASK, obs_dim=None, seed=0, meta_task=None, **extra_meta):
     """A freshly initialized MLP policy written with the real checkpoint code."""
     from dopr.envs import make, task_spec
     from dopr.policies import MLPPolicy, PolicyConfig, save_checkpoint
@@ -88,7 +88,7 @@ def _save_checkpoint(path, task=TASK, obs_dim=None, seed=0, meta_task=None):
                        n_obs_steps=2, horizon=8, n_action_steps=4, mlp_hidden_dim=32, mlp_layers=2)
     torch.manual_seed(seed)
     policy = MLPPolicy(cfg)
-    meta = {"task": meta_task or task, "step": 100, "val_loss": 0.5, "obs_shapes": cfg.obs_shapes}
+    meta = {"task": meta_task or task, "step": 100, "val_loss": 0.5, "obs_shapes": cfg.obs_shapes, **extra_meta}
     return str(save_checkpoint(path, policy, meta=meta))
 
 
@@ -220,27 +220,37 @@ def test_checkpoint_of_another_task_or_schema_is_refused(tmp_path):
 
     ckpt = _save_checkpoint(tmp_path / "ckpt-a")
     with pytest.raises(CheckpointMismatch, match="reacher"):
-        evaluate_checkpoint(ckpt, episodes=1, task="pusher", progress=False)
-    # recorded task pusher, but the policy's action size is reacher's
-    wrong = _save_checkpoint(tmp_path / "ckpt-b", meta_task="pusher", obs_dim=10)
+        evaluate_checkpoint(ckpt, episodes=1, task="inverted_double_pendulum", progress=False)
+    # recorded task inverted_double_pendulum (action_dim 1), but the policy's action size is reacher's
+    wrong = _save_checkpoint(tmp_path / "ckpt-b", meta_task="inverted_double_pendulum", obs_dim=10)
     with pytest.raises(CheckpointMismatch, match="action_dim"):
         evaluate_checkpoint(wrong, episodes=1, progress=False)
+    # trained at another control rate (reacher runs at 50 Hz)
+    slow = _save_checkpoint(tmp_path / "ckpt-d", control_freq=20.0)
+    with pytest.raises(CheckpointMismatch, match="control_freq"):
+        evaluate_checkpoint(slow, episodes=1, progress=False)
     # right keys, wrong observation size: found on the environment's first observation
     short = _save_checkpoint(tmp_path / "ckpt-c", obs_dim=5)
     with pytest.raises(CheckpointMismatch, match=r"'observation' has shape \[5\]"):
         evaluate_checkpoint(short, episodes=1, horizon=HORIZON, progress=False)
 
 
-def test_demo_initial_states_and_compounding_error(checkpoint, tmp_path):
+@pytest.fixture(scope="module")
+def demos(tmp_path_factory):
+    from dopr.envs.collect import CollectConfig, collect
+
+    path = str(tmp_path_factory.mktemp("demos") / "demos.zarr")
+    collect(CollectConfig(task=TASK, n_episodes=2, out=path, workers=0, progress=False))
+    return path
+
+
+def test_demo_initial_states_and_compounding_error(checkpoint, demos):
     """Start from collected demonstrations; the curve's first point equals a by-hand computation."""
     from dopr.data import EpisodeStore
     from dopr.envs import make, make_expert
-    from dopr.envs.collect import CollectConfig, collect
     from dopr.eval import measure_compounding_error
     from dopr.policies import load_policy
 
-    demos = str(tmp_path / "demos.zarr")
-    collect(CollectConfig(task=TASK, n_episodes=2, out=demos, workers=0, progress=False))
     curve = measure_compounding_error(checkpoint, demos, episodes=2, workers=1, horizon=HORIZON, progress=False)
     assert curve["count"][0] == 2 and len(curve["mean"]) == HORIZON
     assert all(a >= b for a, b in zip(curve["count"], curve["count"][1:]))
@@ -277,3 +287,33 @@ def test_video_of_first_episode(checkpoint, tmp_path):
     frames = iio.imread(first["video"])
     assert frames.shape[0] == 11 and frames.shape[-1] == 3  # initial frame + one per step
     assert frames.std() > 1  # a rendered scene, not a blank image
+
+
+def test_eval_command_line_from_demos_with_horizon_multiple(checkpoint, demos, tmp_path, capsys):
+    from dopr.data import EpisodeStore
+    from dopr.eval.results import read_episodes
+    from dopr.scripts.cli import main
+
+    out = str(tmp_path / "cli")
+    rc = main(["eval", "--checkpoint", checkpoint, "--episodes", "3", "--init", "demos", "--demos", demos,
+               "--horizon-mult", "1.5", "--out", out, "--quiet", "--threads", "1"])
+    assert rc == 0 and "success 0/3" in capsys.readouterr().out
+    saved = json.load(open(os.path.join(out, "results.json")))
+    longest = int(max(EpisodeStore.open(demos).episode_lengths))
+    assert saved["protocol"]["horizon"] == round(1.5 * longest) and saved["protocol"]["init"] == "demos"
+    assert [e["demo"] for e in read_episodes(os.path.join(out, "episodes.jsonl"))] == [0, 1, 0]
+    # bad input: a clear message and exit code 2, nothing evaluated
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing")]) == 2
+    assert "meta.json: missing" in capsys.readouterr().err
+
+
+def test_bench_eval_prints_rates_and_latency(capsys):
+    from dopr.eval.bench import main
+
+    assert main(["--task", TASK, "--workers", "1", "--episodes-per-worker", "1", "--horizon", "40",
+                 "--batches", "1,4"]) == 0
+    out = capsys.readouterr().out
+    (row,) = [line.split() for line in out.splitlines() if line.strip().startswith("1 ")]
+    raw, rate, ratio = float(row[1]), float(row[2]), float(row[3])
+    assert raw > 0 and rate > 0 and ratio == pytest.approx(rate / raw, abs=0.01)
+    assert "B=4" in out and "cpu" in out

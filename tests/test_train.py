@@ -153,3 +153,40 @@ def test_ddp_two_processes_match_one(store, tmp_path):
     state = torch.load(two / "ckpt-final" / "optimizer.pt", weights_only=True)
     assert len(state["rng"]) == 2  # each rank's RNG, for resuming with 2 processes
     assert read_metrics(two)[-1]["step"] == 20
+
+
+def test_step_batches_are_a_function_of_the_step():
+    import numpy as np
+
+    from dopr.scripts.train import StepBatches
+
+    a, b = StepBatches(100, 32, seed=5), StepBatches(100, 32, seed=5)
+    seen = np.concatenate([a(s) for s in range(25)])  # 800 samples = 8 epochs
+    assert np.array_equal(b(13), a(13)) and np.array_equal(StepBatches(100, 32, 5)(13), a(13))  # no hidden iterator state
+    assert np.array_equal(np.bincount(seen, minlength=100), np.full(100, 8))  # each window once per epoch
+    assert not np.array_equal(StepBatches(100, 32, seed=6)(0), a(0))
+    assert not np.array_equal(seen[:100], seen[100:200])  # epochs are reshuffled
+
+
+def test_plot_curves_draws_png(store, tmp_path):
+    from dopr.policies.curves import plot_curves
+    from dopr.scripts.cli import main
+
+    out = tmp_path / "r"
+    main(["train", "--data", str(store), "--out", str(out), "--steps", "20", "--batch-size", "16", "--val-every", "10",
+          "--ckpt-every", "0", "--log-every", "10", "--threads", "1", "--no-progress"])
+    png = plot_curves([out], tmp_path / "curves.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_eval_every_logs_closed_loop_success(tmp_path):
+    """Real lift demos, real training, real closed-loop evaluation from inside the training loop."""
+    data, out = tmp_path / "lift.zarr", tmp_path / "run"
+    run([sys.executable, "-m", "dopr", "collect", "--task", "lift", "--episodes", "10", "--out", str(data), "--workers", "0"],
+        timeout=600)
+    run(train_cmd(data, out, "--ckpt-every", "0", "--val-every", "150", "--log-every", "150", "--eval-every", "300",
+                  "--eval-episodes", "2", "--lr", "1e-3", steps=300, optim="adamw"), timeout=900)
+    last = read_metrics(out)[-1]
+    assert last["step"] == 300 and last["eval_episodes"] == 2 and 0.0 <= last["eval_success_rate"] <= 1.0
+    assert (out / "ckpt-0000300" / "eval").is_dir() or (out / "ckpt-final" / "eval").is_dir()
