@@ -2,8 +2,8 @@
 
 Every expert is a *feedback* policy: `act(env)` reads the simulator (object poses, gripper pose,
 finger opening, robosuite's contact-based grasp check) and computes the action from that alone,
-so it can label any state, including states a learned policy reaches. Nothing is cached between
-calls; `reset()` exists for the interface.
+so it can label any state, including states a learned policy reaches. Nothing carries over from
+one call to the next; `reset()` exists for the interface.
 
 A task is a list of pick-and-place stages (lift: one stage that only lifts; nut_assembly: two).
 The first stage whose object is not yet placed (and released) is the active one; for it:
@@ -44,13 +44,11 @@ CARRY_SPEED = 0.5  # action units (x 0.05 m per step) while holding an object
 HOVER = 0.15  # m above the grasp point while travelling (clears the 0.13 m tall pegs)
 RETREAT_Z = 1.1  # m, world height the hand retreats to when done (tables are at ~0.8 m)
 EMPTY_GRIP_WIDTH = 0.006  # finger opening (m) below which a closed gripper holds nothing
+WRIST_MARGIN = 2.6  # rad, inside the Panda's joint 7 limit of 2.8973
 
 
 def _wrap(angle: float) -> float:
     return (angle + math.pi) % (2 * math.pi) - math.pi
-
-
-WRIST_MARGIN = 2.6  # rad, inside the Panda's joint 7 limit of 2.8973
 
 
 def _turn_for_wrist(target: float, current: float, period: float, wrist_now: float,

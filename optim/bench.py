@@ -15,6 +15,7 @@ optimizer state including DoPr's statistics and factors).
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import time
 
@@ -65,9 +66,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     dopr_kw = {k: v for k, v in dict(damping=args.damping, stats=args.stats, stats_every=args.stats_every,
                                       precond_every=args.precond_every).items() if v is not None}
-    defaults = DoPr.__init__.__defaults__  # report the settings actually measured
-    names = DoPr.__init__.__code__.co_varnames[2:2 + len(defaults)]
-    settings = {**dict(zip(names, defaults)), **dopr_kw}
+    defaults = {k: v.default for k, v in inspect.signature(DoPr).parameters.items()}
+    settings = {**defaults, **dopr_kw}  # report the settings actually measured
     period = settings["precond_every"] * settings["stats_every"] // _gcd(settings["precond_every"], settings["stats_every"])
     steps = period * args.periods
     print(f"device {device}, {args.threads} thread(s); DoPr damping={settings['damping']} stats={settings['stats']} "

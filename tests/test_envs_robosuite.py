@@ -151,7 +151,8 @@ def test_expert_noise_is_seeded_and_on_positions_only(lift):
 @pytest.mark.parametrize("task,episodes", [("lift", 3), ("can", 3), ("square", 3), ("stack", 3),
                                            ("nut_assembly", 2)])
 def test_expert_succeeds_on_seeded_episodes(task, episodes):
-    result = measure_success(task, episodes=episodes, first_seed=1000, progress=False)
+    # the first episodes of the 100-episode protocol (seeds 0, 1, ...), see the slow test below
+    result = measure_success(task, episodes=episodes, first_seed=0, progress=False)
     assert result["successes"] == episodes, result
 
 
