@@ -65,10 +65,15 @@ def offscreen_rendering_error() -> str | None:
     if _render_error_cache:
         return _render_error_cache[0]
     configure_gl_backend()
-    backend = os.environ.get("MUJOCO_GL")
     error = None
+    backend = os.environ.get("MUJOCO_GL")
     try:
         import mujoco
+
+        # the backend mujoco chose at import (robosuite may rewrite MUJOCO_GL afterwards)
+        from mujoco.rendering.classic import gl_context
+
+        backend = getattr(gl_context, "_MUJOCO_GL", backend)
 
         model = mujoco.MjModel.from_xml_string("<mujoco><worldbody/></mujoco>")
         renderer = mujoco.Renderer(model, 8, 8)

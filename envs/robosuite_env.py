@@ -129,7 +129,8 @@ class RobosuiteEnv(gymnasium.Env):
                 f"{spec.name}: robosuite's action has shape {self.action_space.shape}, "
                 f"the task spec says ({spec.action_dim},): check the controller config"
             )
-        first = self._convert(self.robosuite_env.reset())
+        self.robosuite_env.reset()
+        first = self._fresh_observations()
         spaces = {}
         for key, value in first.items():
             if value.dtype == np.uint8:
@@ -151,7 +152,8 @@ class RobosuiteEnv(gymnasium.Env):
             self._pending_seed = None
         if seed is not None:
             self._reseed(int(seed))
-        obs = self._convert(self.robosuite_env.reset())
+        self.robosuite_env.reset()
+        obs = self._fresh_observations()
         self._t = 0
         return obs, {"success": False}
 
@@ -168,8 +170,10 @@ class RobosuiteEnv(gymnasium.Env):
         return self._convert(raw_obs), float(reward), False, self._t >= self.horizon, info
 
     def render(self):
-        """agentview camera, uint8 HxWx3 (needs offscreen rendering)."""
-        require_offscreen_rendering()
+        """agentview camera, uint8 HxWx3, upright (for videos); needs an env made with obs="image"."""
+        if self.obs_mode != "image":
+            raise RuntimeError(f"{self.task_spec.name}: render() needs an env made with "
+                               "obs='image' (robosuite builds its offscreen renderer only then)")
         return self.sim.render(camera_name=CAMERAS[0], height=self.image_size,
                                width=self.image_size)[::-1]
 
@@ -217,7 +221,7 @@ class RobosuiteEnv(gymnasium.Env):
                     controller.initial_joint = np.array(controller.joint_pos)
                 controller.reset_goal()
         self._t = 0
-        return self._convert(env._get_observations(force_update=True))
+        return self._fresh_observations()
 
     # --- helpers -------------------------------------------------------------------------------
     def _reseed(self, seed: int) -> None:
@@ -232,6 +236,16 @@ class RobosuiteEnv(gymnasium.Env):
         children = np.random.SeedSequence(seed).spawn(len(distinct))
         for generator, child in zip(distinct, children):
             generator.bit_generator.state = np.random.default_rng(child).bit_generator.state
+
+    def _fresh_observations(self) -> dict[str, np.ndarray]:
+        """Observations of the current simulator state, after a reset or a state change.
+
+        robosuite computes the object-to-gripper observables (NutAssembly, PickPlace) from a pose
+        cache that is refreshed later in the same pass, so one pass after a jump in state gives
+        zeros or the previous pose for them; the second pass is right.
+        """
+        self.robosuite_env._get_observations(force_update=True)
+        return self._convert(self.robosuite_env._get_observations(force_update=True))
 
     def _convert(self, raw: dict) -> dict[str, np.ndarray]:
         obs = {}

@@ -108,8 +108,9 @@ class Stage:
     """One pick-and-place: what to grasp, where to put it, and when it counts as placed.
 
     grasp(env) -> (grip site target position, grasp yaw (None: any), yaw symmetry period)
-    place(env) -> (object target position at release, target object yaw or None, clearance z
-                   for the object while carrying); None means "only lift" (Lift).
+    place(env) -> (object target position at release, object yaw goal, clearance z for the
+                   object while carrying). The yaw goal is None (any yaw) or (yaw, symmetry
+                   period): among equivalent yaws the one easiest on the wrist is taken.
     placed(env) -> bool, the object is where the task wants it (checked with the hand open).
     """
 

@@ -62,8 +62,9 @@ class InputMoments:
 class InputStatistics:
     """Forward hooks on `layers` that sum input moments while `active` is set.
 
-    Only forwards that can produce a gradient count: the module in training mode and grad mode on,
-    so evaluation passes, `torch.no_grad()` validation passes and EMA copies leave no trace.
+    Only forwards of the optimized modules that can produce a gradient count: the module in training
+    mode and grad mode on, so evaluation passes, `torch.no_grad()` validation passes and deep-copied
+    (EMA) models leave no trace.
     Every call of a module adds to its sums (a block called twice, gradient-accumulation
     micro-batches); the optimizer consumes and clears them at each step.
     """
@@ -79,6 +80,7 @@ class InputStatistics:
         weakref.finalize(self, _remove_handles, list(self.handles))
 
     def _record(self, name, module, args, kwargs, output):
+        # `module is not ...`: a deepcopy of the model (an EMA copy) carries copies of these hooks
         if not (self.active and module.training and torch.is_grad_enabled()):
             return
         x = args[0] if args else kwargs["input"]

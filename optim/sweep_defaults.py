@@ -6,7 +6,13 @@ shared/FINDINGS.md: 19-dim observations on a low-dimensional manifold (states al
 layer (256 inputs + bias) has a singular batch covariance. Training on a few demos and validating
 on held-out demos measures whether a setting generalizes or only fits the training set faster.
 
-    python -m dopr.optim.sweep_defaults --steps 1500 --seeds 2
+    python -m dopr.optim.sweep_defaults --steps 1500 --seeds 4 --only adamw "batch g=1e-3 every=10" \
+        "batch g=1e-2 every=10" "batch g=1e-1 every=10" "batch g=1 every=10" "batch g=1e-1 every=20"
+
+Measured (4 seeds, mean held-out MSE): AdamW 0.0393; DoPr batch statistics, refresh every 10 steps,
+gamma 1e-3: 0.0543 (lowest train loss, worst held-out: the failure in FINDINGS), 1e-2: 0.0429,
+1e-1: 0.0390, 1: 0.0383; gamma 1e-1 refreshed every 20: 0.0391. With 2 seeds, batch vs EMA
+statistics and refreshing every step vs every 10 made no difference at gamma 1e-1.
 """
 
 from __future__ import annotations
@@ -76,7 +82,11 @@ CONFIGS = {
     "adamw": ("adamw", {}),
     "batch g=1e-3 every=1": ("dopr-adamw", dict(stats="batch", damping=1e-3, precond_every=1)),
     "batch g=1e-1 every=1": ("dopr-adamw", dict(stats="batch", damping=1e-1, precond_every=1)),
+    "batch g=1e-3 every=10": ("dopr-adamw", dict(stats="batch", damping=1e-3, precond_every=10)),
+    "batch g=1e-2 every=10": ("dopr-adamw", dict(stats="batch", damping=1e-2, precond_every=10)),
     "batch g=1e-1 every=10": ("dopr-adamw", dict(stats="batch", damping=1e-1, precond_every=10)),
+    "batch g=1 every=10": ("dopr-adamw", dict(stats="batch", damping=1.0, precond_every=10)),
+    "batch g=1e-1 every=20": ("dopr-adamw", dict(stats="batch", damping=1e-1, precond_every=20)),
     "ema g=1e-2 every=10": ("dopr-adamw", dict(stats="ema", damping=1e-2, precond_every=10)),
     "ema g=1e-1 every=10": ("dopr-adamw", dict(stats="ema", damping=1e-1, precond_every=10)),
     "ema g=1e-1 every=10/10": ("dopr-adamw", dict(stats="ema", damping=1e-1, precond_every=10, stats_every=10)),
@@ -88,6 +98,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps per run")
     p.add_argument("--seeds", type=int, default=2, help="training seeds per setting")
+    p.add_argument("--first-seed", type=int, default=0, help="first training seed")
     p.add_argument("--demos", type=int, default=10, help="training demonstrations (40 steps each)")
     p.add_argument("--only", nargs="*", default=None, help="run only these settings (names as printed)")
     p.add_argument("--out", default="out/optim_sweep.json", help="where to write the numbers")
@@ -101,7 +112,7 @@ def main(argv=None) -> int:
         if args.only and name not in args.only:
             continue
         t0 = time.perf_counter()
-        runs = [run(opt_name, kw, seed, args.steps, args.demos) for seed in range(args.seeds)]
+        runs = [run(opt_name, kw, seed, args.steps, args.demos) for seed in range(args.first_seed, args.first_seed + args.seeds)]
         results[name] = runs
         tr = sum(r[0] for r in runs) / len(runs)
         va = [r[1] for r in runs]

@@ -31,7 +31,9 @@ POLICIES = ("mlp", "diffusion", "flow")
 OPTIMIZERS = ("dopr-adamw", "dopr-muon", "adamw", "muon")
 VAL_BATCH_SIZE = 256  # fixed, so the fixed validation noise does not depend on the training batch size
 # Fields that may differ between a run and its resumption (they do not change the weights).
-RESUME_MAY_CHANGE = {"resume", "threads", "eval_every", "eval_episodes", "eval_workers", "log_every", "progress"}
+# A moved run folder or dataset is fine: the dataset is checked by its fingerprint instead of its path.
+RESUME_MAY_CHANGE = {"resume", "out", "data", "threads", "eval_every", "eval_episodes", "eval_workers", "log_every",
+                     "progress"}
 
 
 @dataclass
@@ -365,7 +367,13 @@ def train(cfg: TrainConfig) -> Path:
     from dopr.optim import build as build_optimizer
     from dopr.optim import warmup_cosine
     from dopr.policies import PolicyConfig, build_policy, save_checkpoint
-    from dopr.policies.checkpoint import checkpoint_name, load_checkpoint_config, load_train_state, load_weights
+    from dopr.policies.checkpoint import (
+        checkpoint_name,
+        load_checkpoint_config,
+        load_checkpoint_meta,
+        load_train_state,
+        load_weights,
+    )
     from dopr.policies.ema import EMA
 
     # --- processes and devices ---
@@ -376,7 +384,7 @@ def train(cfg: TrainConfig) -> Path:
     device = torch.device(cfg.device)
     if device.type == "cuda" and distributed:
         device = torch.device("cuda", local_rank)
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     if distributed:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
@@ -423,10 +431,14 @@ def train(cfg: TrainConfig) -> Path:
     torch.manual_seed(cfg.seed * 1000 + 1 + rank)  # each rank draws its own noise and crops
 
     # --- resume ---
+    fingerprint = dataset_fingerprint(store)
     start_step, last_val = 0, None
     if cfg.resume:
         ckpt = find_resume_checkpoint(cfg)
         check_resume_config(load_checkpoint_config(ckpt).get("train", {}), cfg, ckpt / "config.json")
+        saved_fingerprint = load_checkpoint_meta(ckpt).get("dataset", {}).get("fingerprint")
+        if saved_fingerprint != fingerprint:
+            raise ValueError(f"{ckpt / 'meta.json'}: trained on a different dataset than {cfg.data} (fingerprint differs)")
         load_weights(policy, ckpt / "model.safetensors")
         load_weights(ema_policy, ckpt / "ema.safetensors")
         state = load_train_state(ckpt)
@@ -441,7 +453,6 @@ def train(cfg: TrainConfig) -> Path:
         write_json_atomic(run_dir / "config.json", dataclasses.asdict(cfg))
         log = MetricsLog(run_dir, start_step)
     protocol = evaluation_protocol(store, cfg, obs_shapes, action_dim)
-    fingerprint = dataset_fingerprint(store)
     evaluate_checkpoint = None
     if cfg.eval_every:
         from dopr.eval import evaluate_checkpoint  # fail now, not after hours of training

@@ -74,11 +74,17 @@ def test_same_seed_same_initial_state_across_instances(lift):
 def test_same_seed_with_composite_placement_sampler():
     # NutAssembly draws from a SequentialCompositeSampler: every generator must be reseeded
     env = make("nut_assembly")
-    env.reset(seed=11)
+    obs, _ = env.reset(seed=11)
     a = env.get_state()
     env.reset(seed=12)
     env.reset(seed=11)
     np.testing.assert_array_equal(env.get_state(), a)
+    # the observation of a restored state is the one of the original (robosuite's relative
+    # object-to-gripper observables read a cache that lags a state jump by one pass)
+    assert np.abs(obs["object"][:3]).max() > 0.01
+    restored = env.reset_to_state(a)
+    for key in obs:
+        np.testing.assert_allclose(restored[key], obs[key], atol=1e-9, err_msg=key)
     env.close()
 
 
@@ -188,9 +194,10 @@ def _run_python(code: str, **env_vars) -> subprocess.CompletedProcess:
                           env=env, timeout=120)
 
 
-@pytest.mark.skipif(os.path.exists("/dev/nvidia0"), reason="EGL works on a GPU machine")
+@pytest.mark.skipif(bool(os.environ.get("DISPLAY")), reason="GLFW works with a display")
 def test_clear_error_when_rendering_is_unavailable():
-    # On a CPU-only machine EGL has no device: image tasks must say what to do, low-dim still work.
+    # GLFW needs a display: on a headless machine image tasks must say what to do, while
+    # low-dim tasks, which render nothing, still work.
     code = (
         "import dopr.envs\n"
         "env = dopr.envs.make('lift'); env.reset(seed=0)\n"
@@ -199,7 +206,9 @@ def test_clear_error_when_rendering_is_unavailable():
         "except dopr.envs.rendering.RenderingUnavailable as err:\n"
         "    print('ERROR:', err)\n"
     )
-    out = _run_python(code, MUJOCO_GL="egl", PYOPENGL_PLATFORM="egl")
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "PYOPENGL_PLATFORM")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(env, MUJOCO_GL="glfw"), timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "ERROR:" in out.stdout and "apt-get install -y libosmesa6" in out.stdout
     assert "MUJOCO_GL=osmesa" in out.stdout

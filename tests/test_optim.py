@@ -162,7 +162,9 @@ def test_eval_mode_and_no_grad_forwards_are_not_recorded():
     oa = DoPr(a, lr=1e-2, stats="ema", precond_every=2)
     ob = DoPr(b, lr=1e-2, stats="ema", precond_every=2)
     train(a, oa, data)
+    ema_copy = copy.deepcopy(b)  # carries copies of the hooks
     for x, y in data:
+        ema_copy(torch.randn(64, 12) * 100).sum().backward()  # training mode, grad on, but not the optimized model
         b.eval()
         b(torch.randn(64, 12) * 100)  # an evaluation pass on other data
         b.train()
@@ -298,3 +300,25 @@ def test_build_ignores_options_that_do_not_apply_and_rejects_unknown_ones():
     assert not build("muon", mlp(), **kw).precondition
     with pytest.raises(TypeError, match="dampning"):
         build("dopr-adamw", mlp(), dampning=0.1)
+
+
+def test_indefinite_by_rounding_gets_jitter_and_nonsense_raises():
+    from dopr.optim.preconditioner import factorize
+
+    q = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
+    sigma = q @ torch.diag(torch.tensor([4.0, 2.0, 1.0, 0.5, 0.0, -1e-9], dtype=torch.float64)) @ q.T
+    (factor,) = factorize(["layer"], [sigma], damping=0.0, floor=0.0)
+    assert factor.cholesky is not None and torch.isfinite(factor.cholesky).all()
+    with pytest.raises(FloatingPointError, match="'layer'"):
+        factorize(["layer"], [-torch.eye(3, dtype=torch.float64)], damping=0.0, floor=0.0)
+
+
+def test_discarded_optimizer_removes_its_hooks():
+    import gc
+
+    model = mlp()
+    opt = DoPr(model, lr=1e-3)
+    assert len(model[0]._forward_hooks) == 1
+    del opt
+    gc.collect()
+    assert len(model[0]._forward_hooks) == 0
