@@ -81,7 +81,7 @@ class InputStatistics:
 
     def _record(self, name, module, args, kwargs, output):
         # `module is not ...`: a deepcopy of the model (an EMA copy) carries copies of these hooks
-        if not (self.active and module.training and torch.is_grad_enabled()):
+        if not (self.active and module.training and torch.is_grad_enabled()) or module is not self.layers[name]:
             return
         x = args[0] if args else kwargs["input"]
         # statistics stay float32 under autocast and build no autograd graph

@@ -1,0 +1,64 @@
+"""`dopr experiment` end to end on a fast task: collect, train two optimizers with periodic closed-loop
+evaluation, report, paired table; and a second invocation that reuses everything."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def experiment(tmp_path_factory):
+    from dopr.scripts.experiment import ExperimentConfig, run_experiment
+
+    out = tmp_path_factory.mktemp("experiment")
+    cfg = ExperimentConfig(tasks=["reacher"], policies=["mlp"], optims=["dopr-adamw", "adamw"], seeds=2, demos=6,
+                           steps={"mlp": 40}, eval_every=20, eval_episodes=3, workers=1, batch_size=32,
+                           out=str(out))
+    table = run_experiment(cfg)
+    return cfg, table
+
+
+def test_experiment_table_has_every_cell_and_the_paired_comparison(experiment):
+    cfg, table = experiment
+    rows = [r for r in table.splitlines() if r.startswith("| reacher")]
+    cells = [r for r in rows if r.count("|") == 9]
+    assert sorted(r.split("|")[3].strip() for r in cells) == ["adamw", "dopr-adamw"]
+    for r in cells:
+        assert r.split("|")[4].strip() == "2"  # seeds
+        assert r.split("|")[5].strip() == "3"  # episodes per seed
+    paired = [r for r in rows if "dopr-adamw - adamw" in r]
+    assert len(paired) == 1
+    # every run was evaluated at step 20 and at the end, next to its validation loss
+    for run in os.listdir(os.path.join(cfg.out, "runs")):
+        metrics = [json.loads(line) for line in open(os.path.join(cfg.out, "runs", run, "metrics.jsonl"))]
+        evaluated = [m["step"] for m in metrics if "eval_success_rate" in m]
+        assert evaluated == [20, 40], run
+    assert os.path.exists(os.path.join(cfg.out, "report", "report.md"))
+
+
+def test_experiment_reuses_demos_and_finished_runs(experiment, capsys):
+    from dopr.scripts.experiment import run_experiment
+
+    cfg, table = experiment
+    finals = {run: os.path.getmtime(os.path.join(cfg.out, "runs", run, "ckpt-final", "meta.json"))
+              for run in os.listdir(os.path.join(cfg.out, "runs"))}
+    assert run_experiment(cfg) == table
+    assert "done, reused" in capsys.readouterr().out
+    for run, mtime in finals.items():
+        assert os.path.getmtime(os.path.join(cfg.out, "runs", run, "ckpt-final", "meta.json")) == mtime
+
+
+def test_experiment_config_file_rejects_unknown_options(tmp_path):
+    from dopr.scripts.experiment import ExperimentConfig
+
+    good = tmp_path / "exp.toml"
+    good.write_text('tasks = ["lift", "can"]\nseeds = 5\n[steps]\nmlp = 100\n')
+    cfg = ExperimentConfig.from_file(str(good))
+    assert cfg.tasks == ["lift", "can"] and cfg.seeds == 5 and cfg.steps == {"mlp": 100}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"taks": ["lift"]}))
+    with pytest.raises(ValueError, match=r"bad.json.*taks"):
+        ExperimentConfig.from_file(str(bad))
