@@ -42,13 +42,15 @@ def _task(name: str, env_id: str, horizon: int, demo_steps: int, success: str,
 
 
 # Horizons are robomimic's: 400 for lift, can, square; 700 for the longer multi-stage task.
+# demo_steps: mean length of the scripted expert's successful-or-not episodes over seeds 0-99
+# (python -m dopr.envs.measure_experts).
 ROBOSUITE_TASKS: dict[str, TaskSpec] = {
-    "lift": _task("lift", "Lift", 400, 40, "cube lifted 4 cm above the table"),
-    "can": _task("can", "PickPlaceCan", 400, 0, "can inside its target bin"),
-    "square": _task("square", "NutAssemblySquare", 400, 0,
+    "lift": _task("lift", "Lift", 400, 37, "cube lifted 4 cm above the table"),
+    "can": _task("can", "PickPlaceCan", 400, 176, "can inside its target bin"),
+    "square": _task("square", "NutAssemblySquare", 400, 147,
                     "square nut around the square peg, gripper away from it"),
-    "stack": _task("stack", "Stack", 400, 0, "red cube resting on the green cube, released"),
-    "nut_assembly": _task("nut_assembly", "NutAssembly", 700, 0,
+    "stack": _task("stack", "Stack", 400, 87, "red cube resting on the green cube, released"),
+    "nut_assembly": _task("nut_assembly", "NutAssembly", 700, 350,
                           "both nuts around their pegs (square and round), gripper away"),
 }
 
@@ -170,7 +172,7 @@ class RobosuiteEnv(gymnasium.Env):
         return self._convert(raw_obs), float(reward), False, self._t >= self.horizon, info
 
     def render(self):
-        """agentview camera, uint8 HxWx3, upright (for videos); needs an env made with obs="image"."""
+        """agentview camera, uint8 HxWx3, upright (for videos); needs obs="image"."""
         if self.obs_mode != "image":
             raise RuntimeError(f"{self.task_spec.name}: render() needs an env made with "
                                "obs='image' (robosuite builds its offscreen renderer only then)")

@@ -38,7 +38,12 @@ class ExperimentConfig:
     lr: float | None = None  # None: the training default of each policy
     damping: float | None = None  # DoPr's gamma; None: the optimizer's default
     batch_size: int = 256
+    # torch threads per training process. One: the simulator workers and other jobs share the cores, and an
+    # oversubscribed OpenMP pool is catastrophic (a 256x3 MLP step measured 13 ms on 1 thread, 470 ms on 2
+    # threads with one other busy process on 2 cores).
+    threads: int = 1
     out: str = "out/experiment"
+    demos_dir: str | None = None  # where demonstrations live; None: <out>/demos (share it between experiments)
 
     @classmethod
     def from_file(cls, path: str) -> "ExperimentConfig":
@@ -83,7 +88,9 @@ def add_parser(sub) -> None:
     p.add_argument("--lr", type=float, help="learning rate for every run (default: each policy's)")
     p.add_argument("--damping", type=float, help="DoPr's gamma (default: the optimizer's)")
     p.add_argument("--batch-size", type=int, help=f"training batch size (default {d.batch_size})")
+    p.add_argument("--threads", type=int, help=f"torch threads per training process (default {d.threads})")
     p.add_argument("--out", help=f"experiment folder (default {d.out})")
+    p.add_argument("--demos-dir", help="folder of demonstration stores to share between experiments (default OUT/demos)")
     p.set_defaults(func=main)
 
 
@@ -123,7 +130,7 @@ def run_experiment(cfg: ExperimentConfig) -> str:
 
     run_dirs = []
     for task in cfg.tasks:
-        demos = out / "demos" / f"{task}-{cfg.demos}.zarr"
+        demos = Path(cfg.demos_dir or out / "demos") / f"{task}-{cfg.demos}.zarr"
         print(f"[experiment] {task}: {cfg.demos} demonstrations -> {demos}", flush=True)
         collect(CollectConfig(task=task, n_episodes=cfg.demos, out=str(demos), workers=cfg.workers,
                               seed=0, noise_std=cfg.demo_noise_std))
@@ -145,7 +152,7 @@ def run_experiment(cfg: ExperimentConfig) -> str:
                     print(f"[experiment] {run.name}: {'resuming' if resume else 'training'}", flush=True)
                     train(TrainConfig(
                         data=str(demos), out=str(run), policy=policy, optim=optim, steps=cfg.steps[policy],
-                        seed=seed, lr=cfg.lr, damping=cfg.damping, batch_size=cfg.batch_size,
+                        seed=seed, lr=cfg.lr, damping=cfg.damping, batch_size=cfg.batch_size, threads=cfg.threads,
                         val_every=cfg.eval_every, ckpt_every=cfg.eval_every, eval_every=cfg.eval_every,
                         eval_episodes=cfg.eval_episodes, eval_workers=cfg.workers, resume=resume,
                     ))
