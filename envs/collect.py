@@ -72,7 +72,8 @@ _worker: dict = {}
 def _init_worker(task: str, obs: str, horizon: int | None, image_size: int, noise_std: float):
     _worker.update(task=task, noise_std=noise_std, error=None)
     try:
-        from dopr.envs import tasks
+        from dopr.data import resolve_split
+    from dopr.envs import tasks
 
         _worker["env"] = tasks.make(task, obs=obs, horizon=horizon, image_size=image_size)
     except Exception as err:  # noqa: BLE001 -- a raising Pool initializer respawns forever;
@@ -291,6 +292,9 @@ def collect(cfg: CollectConfig) -> CollectSummary:
         if pool is not None:
             pool.terminate()  # episodes still in flight are abandoned: their seeds stay unused
             pool.join()
+    # Record the default episode-level train/validation split (training reads it back; a different
+    # --val-ratio or --split-seed makes training compute and announce its own).
+    resolve_split(store)
     summary.n_episodes = store.n_episodes
     summary.seconds = time.perf_counter() - t0
     if summary.added < needed:

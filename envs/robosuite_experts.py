@@ -122,7 +122,6 @@ class Stage:
     release_tolerance: tuple[float, float] = (0.01, 0.015)  # xy, z (m) of the object at release
     # m of height allowed above the grasp point per m of horizontal error on the way down
     pick_funnel: float = 4.0
-    close_when_stalled: bool = False
 
 
 class ScriptedExpert:
@@ -166,7 +165,6 @@ class ScriptedExpert:
             return self._action(eef, eef_mat, target, 0.0, GRIP_OPEN)
 
         robot = rs.robots[0]
-        self._speed = float(np.linalg.norm(sim.data.get_site_xvelp(gripper.important_sites["grip_site"])))
         self._wrist = float(sim.data.qpos[robot._ref_joint_pos_indexes[-1]])
         base_body = sim.model.body_name2id(robot.robot_model.root_body)
         self._base = np.array(sim.data.body_xpos[base_body])
@@ -198,11 +196,7 @@ class ScriptedExpert:
             target = np.array([eef[0], eef[1], target_z])  # rise before moving sideways
         else:
             target = np.array([grasp_pos[0], grasp_pos[1], target_z])
-        # close at the grasp point, or a little above it when the hand has stalled there (a
-        # finger resting on the object's body keeps it from the last millimetres)
-        height = eef[2] - grasp_pos[2]
-        stalled = stage.close_when_stalled and self._speed < 0.005 and height < 0.025
-        at_grasp = xy_err < 0.01 and (height < 0.01 or stalled) and abs(turn) < 0.1
+        at_grasp = xy_err < 0.01 and eef[2] - grasp_pos[2] < 0.01 and abs(turn) < 0.1
         return self._action(eef, eef_mat, target, turn, GRIP_CLOSE if at_grasp else GRIP_OPEN)
 
     def _carry(self, rs, sim, stage: Stage, eef, eef_mat) -> np.ndarray:
@@ -338,7 +332,6 @@ def _nut_stage(rs, nut_index: int) -> Stage:
         place=place,
         placed=lambda rs: rs.on_peg(_body_pos(rs, body), nut_index),
         release_tolerance=(0.006, 0.02),
-        close_when_stalled=True,
     )
 
 

@@ -154,7 +154,7 @@ def run_experiment(cfg: ExperimentConfig) -> str:
                         data=str(demos), out=str(run), policy=policy, optim=optim, steps=cfg.steps[policy],
                         seed=seed, lr=cfg.lr, damping=cfg.damping, batch_size=cfg.batch_size, threads=cfg.threads,
                         val_every=cfg.eval_every, ckpt_every=cfg.eval_every, eval_every=cfg.eval_every,
-                        eval_episodes=cfg.eval_episodes, eval_workers=cfg.workers, resume=resume,
+                        eval_episodes=cfg.eval_episodes, eval_workers=cfg.workers, eval_horizon=cfg.horizon, resume=resume,
                     ))
 
     report_md = build_report(run_dirs, str(out / "report"))
