@@ -1,27 +1,35 @@
 """dopr.data: the episode store (zarr), its validation, the train/val split, the sequence sampler,
-the torch dataset on top, normalizer statistics, and importers."""
+the torch dataset on top, normalizer statistics, importers, and atomic file writes.
 
-from dopr.data.episode_store import EpisodeStore
-from dopr.data.replay import ReplayResult, check_replay, replay_episode, stored_success
-from dopr.data.robomimic_import import import_robomimic
-from dopr.data.sequence_sampler import SequenceSampler
-from dopr.data.split import record_split, resolve_split, split_episodes
-from dopr.data.stats import compute_stats
-from dopr.data.validate import EpisodeStoreError
+Names are imported on first use, so that importing a light submodule (dopr.data.atomic, which
+every stage uses) does not pay for zarr or torch.
+"""
+
+_EXPORTS = {
+    "EpisodeStore": "dopr.data.episode_store",
+    "EpisodeStoreError": "dopr.data.validate",
+    "SequenceDataset": "dopr.data.sequence_dataset",
+    "SequenceSampler": "dopr.data.sequence_sampler",
+    "compute_stats": "dopr.data.stats",
+    "split_episodes": "dopr.data.split",
+    "record_split": "dopr.data.split",
+    "resolve_split": "dopr.data.split",
+    "import_robomimic": "dopr.data.robomimic_import",
+    "check_replay": "dopr.data.replay",
+    "replay_episode": "dopr.data.replay",
+    "stored_success": "dopr.data.replay",
+    "ReplayResult": "dopr.data.replay",
+    "write_json_atomic": "dopr.data.atomic",
+    "write_text_atomic": "dopr.data.atomic",
+    "atomic_path": "dopr.data.atomic",
+}
+
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name):
-    # SequenceDataset needs torch; importing it lazily keeps `import dopr.data` light for writers
-    # (the collector's processes, `dopr data info`), which only need the store.
-    if name == "SequenceDataset":
-        from dopr.data.sequence_dataset import SequenceDataset
+    if name in _EXPORTS:
+        import importlib
 
-        return SequenceDataset
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'dopr.data' has no attribute {name!r}")
-
-
-__all__ = [
-    "EpisodeStore", "EpisodeStoreError", "SequenceDataset", "SequenceSampler", "compute_stats",
-    "split_episodes", "record_split", "resolve_split", "import_robomimic", "check_replay",
-    "replay_episode", "stored_success", "ReplayResult",
-]

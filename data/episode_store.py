@@ -63,27 +63,24 @@ def _compressors(zarr_format: int):
     return zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 
 
-def _append_element_atomically(arr: zarr.Array, value) -> None:
-    """Append one element to a 1-D array so that the array never shows a half-written element.
+def _with_steps(arr: zarr.AsyncArray, n: int) -> zarr.AsyncArray:
+    """`arr` with a shape of `n` steps in memory only: what is written through it lands in chunks
+    that readers, who go by the shape on disk, do not see until the array is resized."""
+    return zarr.AsyncArray(arr.metadata.update_shape((n, *arr.shape[1:])), arr.store_path, arr._config)
 
-    The value goes into its chunk through a view of the array that already has the new shape
-    (readers still see the old shape, which hides it); then resize writes the new shape, one
-    atomic metadata write, and the element appears.
-    """
-    n = arr.shape[0]
-    grown = zarr.Array(
-        zarr.AsyncArray(arr.metadata.update_shape((n + 1,)), arr.store_path, arr._async_array._config)
+
+async def _write_uncommitted(arrays, start: int, end: int, ends: zarr.AsyncArray) -> None:
+    """All of an append but its commit, at once on zarr's event loop (one synchronous round trip
+    per zarr call would dominate an append): steps [start, end) and the new shape of every data
+    array, and episode_ends' new last element, hidden in its chunk behind the old shape."""
+    n = ends.shape[0]
+    await asyncio.gather(
+        # order does not matter here: steps past episode_ends[-1] are ignored by readers
+        *(arr.resize((end, *arr.shape[1:]), delete_outside_chunks=False) for arr, _ in arrays),  # growing
+        *(_with_steps(arr, end).setitem(slice(start, end), value.astype(arr.dtype, copy=False))
+          for arr, value in arrays),
+        _with_steps(ends, n + 1).setitem(n, end),
     )
-    grown[n] = value
-    arr.resize((n + 1,))
-
-
-async def _grow_and_write(arrays, start: int, end: int) -> None:
-    """Resize every data array to `end` steps, then write steps [start, end) of each: all keys
-    at once on zarr's event loop (one synchronous round trip per key would dominate an append)."""
-    await asyncio.gather(*(arr.resize((end, *arr.shape[1:])) for arr, _ in arrays))
-    await asyncio.gather(*(arr.setitem(slice(start, end), value.astype(arr.dtype, copy=False))
-                           for arr, value in arrays))
 
 
 class EpisodeStore:
@@ -258,7 +255,9 @@ class EpisodeStore:
                 )
         start = self.n_steps
         end = start + len(next(iter(episode.values())))
-        _sync(_grow_and_write([(self._arrays[k]._async_array, v) for k, v in episode.items()], start, end))
-        _append_element_atomically(self._ends_array, end)  # the commit
+        arrays = [(self._arrays[k]._async_array, v) for k, v in episode.items()]
+        _sync(_write_uncommitted(arrays, start, end, self._ends_array._async_array))
+        # the commit: one atomic metadata write makes the element, and so the episode, visible
+        self._ends_array.resize((self.n_episodes + 1,))
         self._ends = np.append(self._ends, np.int64(end))
         return index

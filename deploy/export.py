@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dopr.data.atomic import atomic_path
 from dopr.deploy.runtime import META_KEY, NOISE_INPUT
 
 FORMATS = ("torchscript", "onnx")
@@ -238,20 +238,14 @@ def export_policy(policy, out: str | Path, fmt: str, meta: dict, num_inference_s
         meta["num_inference_steps"] = module.config.num_inference_steps
     example = module.example_inputs()
     names = module.obs_keys + ([NOISE_INPUT] if module.noise_shape is not None else [])
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        # the tracer warns about every Python-int shape check in the policy; the graph is fixed by design
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            if fmt == "torchscript":
-                traced = torch.jit.trace(module, example, check_trace=False)
-                torch.jit.save(traced, str(tmp), _extra_files={META_KEY: json.dumps(meta)})
-            else:
-                _export_onnx(module, example, names, tmp, meta)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    # the tracer warns about every Python-int shape check in the policy; the graph is fixed by design
+    with atomic_path(out) as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        if fmt == "torchscript":
+            traced = torch.jit.trace(module, example, check_trace=False)
+            torch.jit.save(traced, tmp, _extra_files={META_KEY: json.dumps(meta)})
+        else:
+            _export_onnx(module, example, names, Path(tmp), meta)
     return out
 
 

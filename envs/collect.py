@@ -72,16 +72,20 @@ _worker: dict = {}
 def _init_worker(task: str, obs: str, horizon: int | None, image_size: int, noise_std: float):
     _worker.update(task=task, noise_std=noise_std, error=None)
     try:
-        from dopr.data import resolve_split
-    from dopr.envs import tasks
+        from dopr.envs import tasks
 
         _worker["env"] = tasks.make(task, obs=obs, horizon=horizon, image_size=image_size)
     except Exception as err:  # noqa: BLE001 -- a raising Pool initializer respawns forever;
         _worker["error"] = err  # report it with the first episode instead
 
 
-def rollout(env, expert, seed: int) -> dict:
-    """Run one expert episode from `env.reset(seed=seed)`; return stacked arrays and its info."""
+def rollout(env, expert, seed: int, stop_on_success: bool = True) -> dict:
+    """Run one expert episode from `env.reset(seed=seed)`; return stacked arrays and its info.
+
+    The episode stops at the first success (unless stop_on_success is False: then success means
+    "succeeded at some step"), or when the env terminates or reaches its horizon. `final_state`
+    is the simulator state after the last step (the per-step `state`s are those before each action).
+    """
     obs, info = env.reset(seed=seed)
     expert.reset()
     noisy = getattr(expert, "noise_std", 0.0) > 0
@@ -99,14 +103,13 @@ def rollout(env, expert, seed: int) -> dict:
             steps[EXECUTED_ACTION_KEY].append(executed)
         obs, reward, terminated, truncated, info = env.step(executed)
         steps["reward"].append(reward)
-        if info.get("success", False):
-            success = True
-            break
-        if terminated or truncated:
+        success = success or bool(info.get("success", False))
+        if (success and stop_on_success) or terminated or truncated:
             break
     episode = {key: np.stack(values) for key, values in steps.items()}
     episode["reward"] = episode["reward"].astype(np.float32)
-    return {"episode": episode, "seed": seed, "success": success, "length": len(episode["reward"])}
+    return {"episode": episode, "seed": seed, "success": success, "length": len(episode["reward"]),
+            "final_state": env.get_state()}
 
 
 def _run_episode(seed: int) -> dict:
@@ -232,6 +235,7 @@ def collect(cfg: CollectConfig) -> CollectSummary:
     """Fill the store at cfg.out with cfg.n_episodes expert episodes of cfg.task (see module doc)."""
     from tqdm import tqdm
 
+    from dopr.data import resolve_split
     from dopr.envs import tasks
 
     spec = tasks.task_spec(cfg.task)  # KeyError with the known tasks for an unknown name

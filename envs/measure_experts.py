@@ -16,24 +16,18 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+from dopr.envs.collect import ACTION_KEY, EXECUTED_ACTION_KEY, rollout
 from dopr.envs.tasks import TASKS, make, make_expert
 
 
 def run_episode(env, expert, seed: int, stop_on_success: bool = True) -> dict:
-    """One seeded expert episode: success, steps, the visited states and the executed actions."""
-    env.reset(seed=seed)
-    expert.reset()
-    states, actions, success = [env.get_state()], [], False
-    for _ in range(env.horizon):
-        action = expert.noisy(expert.act(env))
-        _, _, terminated, truncated, info = env.step(action)
-        actions.append(action)
-        states.append(env.get_state())
-        success = success or bool(info["success"])
-        if (success and stop_on_success) or terminated or truncated:
-            break
-    return {"success": success, "steps": len(actions), "states": np.array(states),
-            "actions": np.array(actions)}
+    """One seeded expert episode (the collector's rollout): success, steps, the visited states
+    (the initial one, then one after each step) and the executed actions."""
+    result = rollout(env, expert, seed, stop_on_success=stop_on_success)
+    episode = result["episode"]
+    return {"success": result["success"], "steps": result["length"],
+            "states": np.concatenate([episode["state"], result["final_state"][None]]),
+            "actions": episode.get(EXECUTED_ACTION_KEY, episode[ACTION_KEY])}
 
 
 def measure_success(task: str, episodes: int = 100, first_seed: int = 0, noise_std: float = 0.0,

@@ -21,6 +21,8 @@ from multiprocessing.connection import wait as wait_connections
 
 import numpy as np
 
+from dopr.data.atomic import atomic_path
+
 STARTUP_TIMEOUT_S = 180.0  # a worker imports numpy, mujoco and the task's simulator before its first ping
 VIDEO_SIZE = 256  # pixels, when the evaluator renders the scene itself
 
@@ -188,10 +190,9 @@ class _EpisodeRunner:
 
             os.makedirs(self.spec.video_dir, exist_ok=True)
             path = os.path.join(self.spec.video_dir, f"episode_{self.episode.index:04d}.mp4")
-            tmp = path + ".tmp.mp4"
             fps = float(getattr(self.env, "metadata", {}).get("render_fps") or 20)
-            imageio.mimwrite(tmp, self.frames, fps=fps, macro_block_size=1)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                imageio.mimwrite(tmp, self.frames, fps=fps, macro_block_size=1)
             return path
         except Exception as err:  # noqa: BLE001
             self.video_error = f"writing the video failed: {type(err).__name__}: {err}"

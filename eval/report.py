@@ -19,8 +19,9 @@ import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
+from dopr.data.atomic import atomic_path, read_jsonl, write_json_atomic, write_text_atomic
 from dopr.eval.metrics import spearman
-from dopr.eval.results import COMPOUNDING_FILE, RESULTS_FILE, write_json_atomic
+from dopr.eval.results import COMPOUNDING_FILE, RESULTS_FILE
 
 
 @dataclass
@@ -118,15 +119,8 @@ def read_run(run_dir: str) -> tuple[list[CheckpointRow], list[dict], list[dict]]
             by_step[key] = row
         elif row.is_final:
             old.is_final = True
-    metrics = []
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    if os.path.isfile(metrics_path):
-        with open(metrics_path) as f:
-            for line in f:
-                try:
-                    metrics.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue  # a torn last line of an interrupted run
+    metrics = read_jsonl(metrics_path) if os.path.isfile(metrics_path) else []
     rows = sorted(by_step.values(), key=lambda r: (r.step is None, r.step or 0))
     if rows and not any(r.is_final for r in rows):
         rows[-1].is_final = True  # the latest checkpoint stands for the run
@@ -249,10 +243,7 @@ def build_report(run_dirs: list[str], out_dir: str = "out/report") -> str:
 
     md = _markdown(rows, evaluated, correlations, optimizers, curves, figures)
     path = os.path.join(out_dir, "report.md")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(md)
-    os.replace(tmp, path)
+    write_text_atomic(path, md)
     write_json_atomic(os.path.join(out_dir, "report.json"),
                       {"checkpoints": [asdict(r) for r in rows], "spearman_val_loss_vs_success": correlations,
                        "compounding_error": curves})
@@ -261,7 +252,8 @@ def build_report(run_dirs: list[str], out_dir: str = "out/report") -> str:
 
 def _save(fig, out_dir: str, name: str) -> str:
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, name), dpi=110)
+    with atomic_path(os.path.join(out_dir, name)) as tmp:  # the temporary name keeps ".png"
+        fig.savefig(tmp, dpi=110)
     return name
 
 

@@ -13,9 +13,11 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
+
+# write_json_atomic is imported from here by the evaluator, the report and the compounding-error check
+from dopr.data.atomic import json_default, read_jsonl, write_json_atomic, write_text_atomic  # noqa: F401
 
 RESULTS_FILE = "results.json"
 EPISODES_FILE = "episodes.jsonl"
@@ -55,34 +57,6 @@ class EvalResult:
                 f"mean length {self.mean_length:.1f}, time to success {tts}, worker faults {self.n_errors}")
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to a temp file in the same folder, fsync, then rename over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=_json_default)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _json_default(x):
-    import numpy as np
-
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"{type(x).__name__} is not JSON serializable")
-
-
 class EpisodeLog:
     """episodes.jsonl, appended one line per finished episode (truncated when an evaluation starts)."""
 
@@ -95,7 +69,7 @@ class EpisodeLog:
 
     def append(self, record: dict) -> None:
         if self._f is not None:
-            self._f.write(json.dumps(record, default=_json_default) + "\n")
+            self._f.write(json.dumps(record, default=json_default) + "\n")
             self._f.flush()
 
     def rewrite_sorted(self, records: list[dict]) -> None:
@@ -103,11 +77,8 @@ class EpisodeLog:
         if self.path is None:
             return
         self.close()
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(self.path)), suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            for r in sorted(records, key=lambda r: r["episode"]):
-                f.write(json.dumps(r, default=_json_default) + "\n")
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r, default=json_default) + "\n"
+                                             for r in sorted(records, key=lambda r: r["episode"])))
 
     def close(self) -> None:
         if self._f is not None:
@@ -120,14 +91,7 @@ def read_episodes(path: str) -> list[dict]:
     (process killed mid-write) is skipped."""
     if os.path.isdir(path):
         path = os.path.join(path, EPISODES_FILE)
-    records = []
-    with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
+    return read_jsonl(path)
 
 
 def library_versions() -> dict:

@@ -18,10 +18,10 @@ statistics and refreshing every step vs every 10 made no difference at gamma 1e-
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import time
+
+from dopr.data.atomic import write_json_atomic
 
 
 def make_demos(n_demos: int, steps: int, seed: int, obs_dim: int = 19, act_dim: int = 7):
@@ -119,11 +119,7 @@ def main(argv=None) -> int:
         per = ", ".join(f"{v:.4f}" for v in va)
         print(f"{name:<24} {tr:11.5f} {sum(va) / len(va):10.4f} ({per})  {(time.perf_counter() - t0) / len(runs):5.1f}",
               flush=True)
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"args": vars(args), "results": results}, f, indent=1)
-    os.replace(tmp, args.out)
+    write_json_atomic(args.out, {"args": vars(args), "results": results}, indent=1)
     return 0
 
 

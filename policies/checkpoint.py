@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from dopr.data.atomic import write_json_atomic
 from dopr.policies.config import PolicyConfig
 from dopr.policies.mlp_policy import MLPPolicy
 from dopr.policies.policy import Policy
@@ -38,21 +39,6 @@ def build_policy(config: PolicyConfig, stats: dict | None = None) -> Policy:
 
 def checkpoint_name(step: int) -> str:
     return f"ckpt-{step:07d}"
-
-
-def _write_json(path: Path, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, default=_json_default)  # key order matters: obs_shapes order is the feature order
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _json_default(x):
-    if hasattr(x, "tolist"):  # numpy scalars/arrays
-        return x.tolist()
-    if isinstance(x, (set, tuple)):
-        return list(x)
-    raise TypeError(f"not JSON serializable: {type(x).__name__}")
 
 
 def _state_for_safetensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -80,7 +66,8 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    _write_json(
+    # key order matters in config.json: obs_shapes order is the feature order (json keeps it)
+    write_json_atomic(
         tmp / "config.json",
         {"format_version": FORMAT_VERSION, "policy_kind": policy.config.kind, "policy": policy.config.to_dict(),
          "train": train_config or {}},
@@ -88,7 +75,7 @@ def save_checkpoint(
     save_file(_state_for_safetensors(policy), str(tmp / "model.safetensors"))
     save_file(_state_for_safetensors(ema_policy if ema_policy is not None else policy), str(tmp / "ema.safetensors"))
     torch.save(train_state or {}, tmp / "optimizer.pt")
-    _write_json(tmp / "meta.json", {"format_version": FORMAT_VERSION, **(meta or {})})
+    write_json_atomic(tmp / "meta.json", {"format_version": FORMAT_VERSION, **(meta or {})})
     for f in tmp.iterdir():  # data on disk before the rename makes it visible
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dopr.data.atomic import read_jsonl, write_json_atomic, write_text_atomic
+
 POLICIES = ("mlp", "diffusion", "flow")
 OPTIMIZERS = ("dopr-adamw", "dopr-muon", "adamw", "muon")
 VAL_BATCH_SIZE = 256  # fixed, so the fixed validation noise does not depend on the training batch size
@@ -300,16 +302,8 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         kept = []
         if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if rec.get("step", 0) <= start_step:
-                    kept.append(line)
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+            kept = [rec for rec in read_jsonl(self.path) if rec.get("step", 0) <= start_step]
+        write_text_atomic(self.path, "".join(json.dumps(rec) + "\n" for rec in kept))
         self.file = open(self.path, "a")
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
 
@@ -323,12 +317,6 @@ class MetricsLog:
     def close(self) -> None:
         self.file.close()
         self.tb.close()
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def find_resume_checkpoint(cfg: TrainConfig) -> Path:
