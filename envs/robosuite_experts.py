@@ -9,7 +9,9 @@ A task is a list of pick-and-place stages (lift: one stage that only lifts; nut_
 The first stage whose object is not yet placed (and released) is the active one; for it:
 
 - object not grasped -> *pick*: move above the grasp point with the gripper's yaw aligned to the
-  object's (mod its symmetry), descend inside a funnel (the allowed height above the grasp point
+  object's (mod its symmetry; for a nut, the finger orientation that leaves the wrist room to
+  turn the nut on the way to its peg: a wrist wound up by the first nut otherwise blocks the
+  second grasp or stretches the arm at the far peg), descend inside a funnel (the allowed height above the grasp point
   shrinks with the horizontal and yaw error), close when at the grasp point. Fingers closed on
   nothing -> open and rise (retry).
 - object grasped -> *carry*: rise to a clearance height, move the object (not the hand) over its
@@ -72,8 +74,9 @@ def _turn_for_wrist(target: float, current: float, period: float, wrist_now: flo
     return float(wrist_now + base_turn - wrist_after)
 
 
-def _grasp_turn_for_carry(target: float, current: float, period: float, wrist_now: float,
-                         base_turn_pick: float, base_turn_carry: float, carry_turn: float) -> float:
+def _turn_for_grasp_and_carry(target: float, current: float, period: float, wrist_now: float,
+                              base_turn_pick: float, base_turn_carry: float,
+                              carry_turn: float) -> float:
     """Grasp yaw change (target + k * period) that leaves the wrist room for the carry as well.
 
     An object that must be turned on its way to the target (a nut whose handle should end up
@@ -93,6 +96,7 @@ def _grasp_turn_for_carry(target: float, current: float, period: float, wrist_no
         return max(abs(at_grasp), abs(at_place)) + 0.05 * abs(turn)  # ties: the shorter turn
 
     turn = min(candidates, key=worst_wrist)
+    # as in _turn_for_wrist, never ask for more than the wrist can do
     wrist_after = np.clip(wrist_now + base_turn_pick - turn, -WRIST_MARGIN, WRIST_MARGIN)
     return float(wrist_now + base_turn_pick - wrist_after)
 
@@ -233,7 +237,7 @@ class ScriptedExpert:
 
     def _grasp_turn_for_carry(self, rs, stage: Stage, eef, eef_mat, grasp_pos, grasp_yaw,
                               period) -> float:
-        """Grasp turn chosen with the carry's object turn in view (see _grasp_turn_for_carry)."""
+        """Grasp turn chosen with the carry's object turn in view (_turn_for_grasp_and_carry)."""
         goal, goal_yaw, _ = stage.place(rs)
         obj = _body_pos(rs, stage.body)
         carry_turn = 0.0
@@ -251,7 +255,7 @@ class ScriptedExpert:
         yaw_now = _yaw_of(eef_mat)
         azimuth = math.atan2(eef[1] - self._base[1], eef[0] - self._base[0])
         nominal_wrist = self._wrist - _wrap(yaw_now + self._wrist - azimuth - WRIST_YAW_OFFSET)
-        return _grasp_turn_for_carry(grasp_yaw, yaw_now, period, nominal_wrist,
+        return _turn_for_grasp_and_carry(grasp_yaw, yaw_now, period, nominal_wrist,
                                      self._base_turn(eef, grasp_pos),
                                      self._base_turn(grasp_pos, hand_at_place), carry_turn)
 

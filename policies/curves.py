@@ -6,9 +6,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
+
+from dopr.data.atomic import read_jsonl
 
 
 def read_metrics(run_dir) -> list[dict]:
@@ -16,13 +17,7 @@ def read_metrics(run_dir) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing (is {run_dir} a `dopr train` run folder?)")
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    return read_jsonl(path)
 
 
 def plot_curves(run_dirs, out_png, keys=("val_loss", "val_action_mse"), labels=None, title=None, log_y=True) -> Path:

@@ -26,7 +26,7 @@ class ExperimentConfig:
     tasks: list[str] = field(default_factory=lambda: ["lift"])
     policies: list[str] = field(default_factory=lambda: ["mlp"])
     optims: list[str] = field(default_factory=lambda: ["dopr-adamw", "adamw"])
-    seeds: int = 2  # training seeds seed_offset .. seed_offset + seeds - 1
+    seeds: int = 3  # training seeds seed_offset .. seed_offset + seeds - 1
     seed_offset: int = 0
     demos: int = 20  # demonstrations per task
     demo_noise_std: float = 0.1  # expert action noise while collecting (labels stay clean): covers recoveries
@@ -108,6 +108,7 @@ def config_from_args(args) -> ExperimentConfig:
 
 def run_experiment(cfg: ExperimentConfig) -> str:
     """Runs what is missing of the experiment; returns the markdown table."""
+    import sys
     import time
     from pathlib import Path
 
@@ -123,6 +124,7 @@ def run_experiment(cfg: ExperimentConfig) -> str:
         bad = [v for v in values if v not in allowed]
         if bad:
             raise ValueError(f"unknown {name}(s) {bad}; choose from {list(allowed)}")
+    bars = sys.stderr.isatty()  # progress bars in a terminal; a log file gets the [experiment] lines
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
@@ -133,7 +135,7 @@ def run_experiment(cfg: ExperimentConfig) -> str:
         demos = Path(cfg.demos_dir or out / "demos") / f"{task}-{cfg.demos}.zarr"
         print(f"[experiment] {task}: {cfg.demos} demonstrations -> {demos}", flush=True)
         collect(CollectConfig(task=task, n_episodes=cfg.demos, out=str(demos), workers=cfg.workers,
-                              seed=0, noise_std=cfg.demo_noise_std))
+                              seed=0, noise_std=cfg.demo_noise_std, progress=bars))
         for policy in cfg.policies:
             for optim in cfg.optims:
                 for seed in range(cfg.seed_offset, cfg.seed_offset + cfg.seeds):
@@ -146,7 +148,7 @@ def run_experiment(cfg: ExperimentConfig) -> str:
                     if final.exists():
                         print(f"[experiment] {run.name}: evaluating the final checkpoint", flush=True)
                         evaluate_checkpoint(str(final), episodes=cfg.eval_episodes, workers=cfg.workers,
-                                            horizon=cfg.horizon)
+                                            horizon=cfg.horizon, progress=bars)
                         continue
                     resume = "latest" if any(run.glob("ckpt-*")) else None
                     print(f"[experiment] {run.name}: {'resuming' if resume else 'training'}", flush=True)
@@ -154,7 +156,7 @@ def run_experiment(cfg: ExperimentConfig) -> str:
                         data=str(demos), out=str(run), policy=policy, optim=optim, steps=cfg.steps[policy],
                         seed=seed, lr=cfg.lr, damping=cfg.damping, batch_size=cfg.batch_size, threads=cfg.threads,
                         val_every=cfg.eval_every, ckpt_every=cfg.eval_every, eval_every=cfg.eval_every,
-                        eval_episodes=cfg.eval_episodes, eval_workers=cfg.workers, eval_horizon=cfg.horizon, resume=resume,
+                        eval_episodes=cfg.eval_episodes, eval_workers=cfg.workers, eval_horizon=cfg.horizon, resume=resume, progress=bars,
                     ))
 
     report_md = build_report(run_dirs, str(out / "report"))

@@ -162,6 +162,15 @@ def test_expert_succeeds_on_seeded_episodes(task, episodes):
     assert result["successes"] == episodes, result
 
 
+def test_nut_assembly_expert_on_seeds_that_wound_up_the_wrist():
+    # Before the nut grasp yaw took the carry's turn into account, the first nut left the wrist
+    # at its limit: on seed 14 a finger then landed on the round nut's ring, on seed 40 the arm
+    # straightened at the far peg and OSC could not leave that pose.
+    for seed in (14, 40):
+        result = measure_success("nut_assembly", episodes=1, first_seed=seed, progress=False)
+        assert result["successes"] == 1, result
+
+
 def test_expert_succeeds_with_action_noise():
     result = measure_success("lift", episodes=3, first_seed=2000, noise_std=0.1, progress=False)
     assert result["successes"] == 3, result
