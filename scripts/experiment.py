@@ -34,6 +34,7 @@ class ExperimentConfig:
     eval_every: int = 1000  # closed-loop evaluation of every such checkpoint, next to its val loss
     eval_episodes: int = 50  # the same episode seeds for every run
     horizon: int | None = None  # evaluation horizon; None: the task's (robomimic's) horizon
+    compounding_episodes: int = 20  # rollouts from demonstration start states for the compounding-error curve
     workers: int = 2  # simulator processes for collection and evaluation
     lr: float | None = None  # None: the training default of each policy
     damping: float | None = None  # DoPr's gamma; None: the optimizer's default
@@ -84,6 +85,9 @@ def add_parser(sub) -> None:
     p.add_argument("--eval-every", type=int, help=f"evaluate every K steps (default {d.eval_every})")
     p.add_argument("--eval-episodes", type=int, help=f"episodes per evaluation (default {d.eval_episodes})")
     p.add_argument("--horizon", type=int, help="evaluation horizon (default: the task's)")
+    p.add_argument("--compounding-episodes", type=int,
+                   help=f"rollouts from demonstration start states for the compounding-error curve, 0 = none "
+                        f"(default {d.compounding_episodes})")
     p.add_argument("--workers", type=int, help=f"simulator worker processes (default {d.workers})")
     p.add_argument("--lr", type=float, help="learning rate for every run (default: each policy's)")
     p.add_argument("--damping", type=float, help="DoPr's gamma (default: the optimizer's)")
@@ -114,9 +118,9 @@ def run_experiment(cfg: ExperimentConfig) -> str:
 
     from dopr.envs import list_tasks
     from dopr.envs.collect import CollectConfig, collect
-    from dopr.eval import evaluate_checkpoint
+    from dopr.eval import evaluate_checkpoint, measure_compounding_error
     from dopr.eval.report import build_report
-    from dopr.eval.results import RESULTS_FILE
+    from dopr.eval.results import COMPOUNDING_FILE, RESULTS_FILE
     from dopr.scripts.train import OPTIMIZERS, POLICIES, TrainConfig, train
 
     for name, values, allowed in (("task", cfg.tasks, list_tasks()), ("policy", cfg.policies, POLICIES),
@@ -143,21 +147,27 @@ def run_experiment(cfg: ExperimentConfig) -> str:
                     run_dirs.append(str(run))
                     final = run / "ckpt-final"
                     if (final / "eval" / RESULTS_FILE).exists():
-                        print(f"[experiment] {run.name}: done, reused", flush=True)
-                        continue
-                    if final.exists():
+                        print(f"[experiment] {run.name}: trained and evaluated, reused", flush=True)
+                    elif final.exists():
                         print(f"[experiment] {run.name}: evaluating the final checkpoint", flush=True)
                         evaluate_checkpoint(str(final), episodes=cfg.eval_episodes, workers=cfg.workers,
                                             horizon=cfg.horizon, progress=bars)
-                        continue
-                    resume = "latest" if any(run.glob("ckpt-*")) else None
-                    print(f"[experiment] {run.name}: {'resuming' if resume else 'training'}", flush=True)
-                    train(TrainConfig(
-                        data=str(demos), out=str(run), policy=policy, optim=optim, steps=cfg.steps[policy],
-                        seed=seed, lr=cfg.lr, damping=cfg.damping, batch_size=cfg.batch_size, threads=cfg.threads,
-                        val_every=cfg.eval_every, ckpt_every=cfg.eval_every, eval_every=cfg.eval_every,
-                        eval_episodes=cfg.eval_episodes, eval_workers=cfg.workers, eval_horizon=cfg.horizon, resume=resume, progress=bars,
-                    ))
+                    else:
+                        resume = "latest" if any(run.glob("ckpt-*")) else None
+                        print(f"[experiment] {run.name}: {'resuming' if resume else 'training'}", flush=True)
+                        train(TrainConfig(
+                            data=str(demos), out=str(run), policy=policy, optim=optim, steps=cfg.steps[policy],
+                            seed=seed, lr=cfg.lr, damping=cfg.damping, batch_size=cfg.batch_size,
+                            threads=cfg.threads, val_every=cfg.eval_every, ckpt_every=cfg.eval_every,
+                            eval_every=cfg.eval_every, eval_episodes=cfg.eval_episodes, eval_workers=cfg.workers,
+                            eval_horizon=cfg.horizon, resume=resume, progress=bars,
+                        ))
+                    # The compounding-error curve: the final policy from the demonstrations' start states,
+                    # its actions against the expert's labels in the states it reaches.
+                    if cfg.compounding_episodes and not (final / "eval" / COMPOUNDING_FILE).exists():
+                        print(f"[experiment] {run.name}: compounding-error curve", flush=True)
+                        measure_compounding_error(str(final), str(demos), episodes=min(cfg.compounding_episodes, cfg.demos),
+                                                  workers=cfg.workers, horizon=cfg.horizon, progress=bars)
 
     report_md = build_report(run_dirs, str(out / "report"))
     table = experiment_table(run_dirs, cfg.optims)

@@ -15,7 +15,7 @@ def experiment(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("experiment")
     cfg = ExperimentConfig(tasks=["reacher"], policies=["mlp"], optims=["dopr-adamw", "adamw"], seeds=2, demos=6,
-                           steps={"mlp": 40}, eval_every=20, eval_episodes=3, workers=1, batch_size=32,
+                           steps={"mlp": 40}, eval_every=20, eval_episodes=3, compounding_episodes=2, workers=1, batch_size=32,
                            out=str(out))
     table = run_experiment(cfg)
     return cfg, table
@@ -37,6 +37,7 @@ def test_experiment_table_has_every_cell_and_the_paired_comparison(experiment):
         evaluated = [m["step"] for m in metrics if "eval_success_rate" in m]
         assert evaluated == [20, 40], run
     assert os.path.exists(os.path.join(cfg.out, "report", "report.md"))
+    assert os.path.exists(os.path.join(cfg.out, "report", "compounding_error.png"))
 
 
 def test_experiment_reuses_demos_and_finished_runs(experiment, capsys):
@@ -46,7 +47,7 @@ def test_experiment_reuses_demos_and_finished_runs(experiment, capsys):
     finals = {run: os.path.getmtime(os.path.join(cfg.out, "runs", run, "ckpt-final", "meta.json"))
               for run in os.listdir(os.path.join(cfg.out, "runs"))}
     assert run_experiment(cfg) == table
-    assert "done, reused" in capsys.readouterr().out
+    assert "trained and evaluated, reused" in capsys.readouterr().out
     for run, mtime in finals.items():
         assert os.path.getmtime(os.path.join(cfg.out, "runs", run, "ckpt-final", "meta.json")) == mtime
 
