@@ -20,7 +20,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 
 from dopr.data.atomic import atomic_path, read_jsonl, write_json_atomic, write_text_atomic
-from dopr.eval.metrics import spearman
+from dopr.eval.metrics import spearman, wilson_interval
 from dopr.eval.results import COMPOUNDING_FILE, RESULTS_FILE
 
 
@@ -125,6 +125,14 @@ def read_run(run_dir: str) -> tuple[list[CheckpointRow], list[dict], list[dict]]
     if rows and not any(r.is_final for r in rows):
         rows[-1].is_final = True  # the latest checkpoint stands for the run
     return rows, metrics, curves
+
+
+def _pooled_interval(rows: list[CheckpointRow]) -> tuple[float, float]:
+    """The 95% Wilson interval of the success rate pooled over the rows' episodes."""
+    rows = [r for r in rows if r.success_rate is not None and r.n_episodes]
+    n = sum(r.n_episodes for r in rows)
+    k = sum(round(r.success_rate * r.n_episodes) for r in rows)
+    return wilson_interval(k, n) if n else (float("nan"), float("nan"))
 
 
 def _verdict(rho: float, n: int) -> str:
@@ -284,9 +292,17 @@ def _markdown(rows, evaluated, correlations, optimizers, curves, figures) -> str
         best_loss = min(with_both, key=lambda t: t[1])
         best_success = max(with_both, key=lambda t: t[2])
         same = best_loss[0] == best_success[0]
-        lines.append(f"- Final checkpoints: lowest mean validation loss {best_loss[0]} ({best_loss[1]:.4g}), highest "
-                     f"mean success {best_success[0]} ({best_success[2]:.3f}): validation loss "
-                     f"{'ranked the optimizers as success did' if same else 'did NOT rank the optimizers as success did'}.")
+        line = (f"- Final checkpoints: lowest mean validation loss {best_loss[0]} ({best_loss[1]:.4g}), highest "
+                f"mean success {best_success[0]} ({best_success[2]:.3f}): validation loss "
+                f"{'ranked the optimizers as success did' if same else 'did NOT rank the optimizers as success did'}")
+        # A ranking by success means something only where the pooled 95% intervals separate.
+        intervals = {opt: _pooled_interval(by_opt[opt]) for opt, *_ in with_both}
+        lo_best = intervals[best_success[0]][0]
+        if any(hi >= lo_best for opt, (_, hi) in intervals.items() if opt != best_success[0]):
+            line += (", but the success rates lie within each other's pooled 95% intervals "
+                     "(" + ", ".join(f"{o} {lo:.2f}-{hi:.2f}" for o, (lo, hi) in sorted(intervals.items())) +
+                     "): the episodes do not resolve which optimizer succeeds more")
+        lines.append(line + ".")
     lines.append("")
     lines += ["## Final checkpoint per run, by optimizer", "",
               "| optimizer | runs | mean val loss | mean success |", "|---|---|---|---|"]
