@@ -5,6 +5,8 @@ Names are imported on first use, so that importing a light submodule (dopr.data.
 every stage uses) does not pay for zarr or torch.
 """
 
+from dopr.lazy import lazy_exports
+
 _EXPORTS = {
     "EpisodeStore": "dopr.data.episode_store",
     "EpisodeStoreError": "dopr.data.validate",
@@ -25,11 +27,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'dopr.data' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

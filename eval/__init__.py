@@ -4,6 +4,8 @@ Names are imported on first use, so that a spawned simulator worker (which impor
 dopr.eval.env_pool) does not pay for torch.
 """
 
+from dopr.lazy import lazy_exports
+
 _EXPORTS = {
     "evaluate_checkpoint": "dopr.eval.evaluator",
     "evaluate_policy": "dopr.eval.evaluator",
@@ -17,11 +19,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name):
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'dopr.eval' has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)

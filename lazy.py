@@ -1,0 +1,21 @@
+"""Package namespaces that import their names on first use.
+
+A spawned simulator worker imports dopr.eval.env_pool, and every stage imports dopr.data.atomic;
+importing a package runs its __init__ first, so an __init__ that imported torch or zarr eagerly would
+make each of them pay for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+
+def lazy_exports(package: str, exports: dict[str, str]):
+    """A module-level __getattr__ for `package` that imports exports[name] when `name` is first used."""
+
+    def __getattr__(name: str):
+        if name in exports:
+            return getattr(importlib.import_module(exports[name]), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
