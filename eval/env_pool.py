@@ -215,7 +215,11 @@ def _worker_main(conn, spec: EnvSpec) -> None:
         except (EOFError, KeyboardInterrupt):
             return
         if cmd == "close":
-            return
+            # Skip the interpreter's teardown (robosuite's and MuJoCo's objects, module finalizers):
+            # it took ~0.8 s per worker and nothing is left to flush (videos are written, closed
+            # and renamed at the end of their episode; replies are sent before the next command).
+            conn.close()
+            os._exit(0)
         try:
             if cmd == "reset":
                 result = runner.reset(payload)
@@ -237,9 +241,11 @@ def _worker_main(conn, spec: EnvSpec) -> None:
 class EnvPool:
     """N worker processes, each holding one environment.
 
-    `request(commands, timeout_s)` sends one command to each named worker and gathers the replies;
-    a worker that dies or does not answer in time is killed, restarted, and reported as a
-    `WorkerFault` in place of its reply, so the caller can record the episode and go on.
+    `request(commands, deadlines)` sends one command to each named worker and gathers the replies;
+    `send(i, cmd)` and `receive(deadlines)` do the same one worker at a time, so the caller can
+    act on whichever worker answers first. A worker that dies or does not answer in time is killed,
+    restarted, and reported as a `WorkerFault` in place of its reply, so the caller can record the
+    episode and go on.
     """
 
     def __init__(self, n_workers: int, spec: EnvSpec, startup_timeout_s: float = STARTUP_TIMEOUT_S):
@@ -308,21 +314,39 @@ class EnvPool:
         self.n_restarts += 1
 
     def request(self, commands: dict[int, tuple], deadlines: dict[int, float]) -> dict:
-        """Send commands[i] to worker i; return {i: reply payload or WorkerFault}.
+        """Send commands[i] to worker i; return {i: reply payload or WorkerFault} once all answered.
 
         deadlines[i] is the time.monotonic() by which worker i must answer.
         """
         replies: dict = {}
         for i, cmd in commands.items():
-            try:
-                self.conns[i].send(cmd)
-            except (BrokenPipeError, EOFError, OSError) as err:
-                replies[i] = self._fault(i, f"worker {i} (pid {self.procs[i].pid}) is gone: {err!r}")
-        waiting = {self.conns[i]: i for i in commands if i not in replies}
+            fault = self.send(i, cmd)
+            if fault is not None:
+                replies[i] = fault
+        waiting = {i: deadlines[i] for i in commands if i not in replies}
         while waiting:
-            timeout = max(0.0, min(deadlines[i] for i in waiting.values()) - time.monotonic())
-            ready = wait_connections(list(waiting), timeout=timeout)
-            for conn in ready:
+            got = self.receive(waiting)
+            for i in got:
+                del waiting[i]
+            replies.update(got)
+        return replies
+
+    def send(self, i: int, cmd: tuple) -> WorkerFault | None:
+        """Send one command to worker i without waiting; a WorkerFault if the worker is gone."""
+        try:
+            self.conns[i].send(cmd)
+        except (BrokenPipeError, EOFError, OSError) as err:
+            return self._fault(i, f"worker {i} (pid {self.procs[i].pid}) is gone: {err!r}")
+        return None
+
+    def receive(self, deadlines: dict[int, float]) -> dict:
+        """Wait until at least one of the workers in `deadlines` (each with a command sent) answers
+        or passes its deadline; return {i: reply payload or WorkerFault} for every one that did."""
+        waiting = {self.conns[i]: i for i in deadlines}
+        replies: dict = {}
+        while waiting and not replies:
+            timeout = max(0.0, min(deadlines.values()) - time.monotonic())
+            for conn in wait_connections(list(waiting), timeout=timeout):
                 i = waiting.pop(conn)
                 try:
                     status, payload = conn.recv()

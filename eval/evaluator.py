@@ -3,10 +3,13 @@
 A control round, top to bottom (`_run`):
 1. every idle worker gets the next episode (seed = seed_base + episode index) and resets its env,
    from a seeded random state or from a demonstration's first state (`init="demos"`);
-2. the last To observations of every running episode are stacked into one batch and the policy
+2. the last To observations of the running episodes are stacked into one batch and the policy
    runs once on it (on `device`), giving (B, Ta, A) actions;
 3. each worker executes its first `n_action_steps` actions (receding horizon), stopping early at
    success, termination or the horizon, and sends back its last To observations.
+A policy that draws no noise is called on whichever episodes are ready as soon as their workers
+answer (batches padded to a fixed size, so the actions do not depend on the batching), so no
+worker waits for the slowest one; a stochastic policy runs in lockstep rounds over all episodes.
 An episode's observation history starts as its first observation repeated To times, as the
 training windows are padded (data.SequenceSampler). A worker that dies or hangs is restarted and
 its episode recorded as failed with the error. Episode i depends only on its seed (and, for a
@@ -251,56 +254,89 @@ def _run(policy, plan, env_spec, workers, cfg, n_exec, device, generator, episod
         finish(i, slots, {"success": False, "steps": slot.steps, "return": slot.ret, "time_to_success": None,
                           "error": str(err)})
 
+    def policy_call(rows, pad_to):
+        """Actions (len(rows), Ta, A) for the episodes of `rows`; also whether the call drew noise
+        from the generator."""
+        batch = {
+            key: torch.from_numpy(np.stack([np.stack([o[key] for o in slots[i].history]) for i in rows]))
+            for key in cfg.obs_shapes
+        }
+        batch = {k: _pad_rows(v.float() if v.dtype == torch.float64 else v, pad_to).to(device)
+                 for k, v in batch.items()}
+        before = generator.get_state()
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            actions = policy.predict_action(batch, generator=generator)
+        actions = actions[: len(rows)].detach().to("cpu", torch.float64).numpy()
+        state["policy_s"] += time.perf_counter() - t0
+        state["policy_calls"] += 1
+        return actions, not torch.equal(before, generator.get_state())
+
     with EnvPool(n_workers, env_spec) as pool:
         state["t_ready"] = time.perf_counter()
         slots: list[_Slot | None] = [None] * n_workers
+        pending: dict[int, str] = {}  # worker -> the command whose reply it owes
+        ready: set[int] = set()  # workers whose episode waits for its next action chunk
+        # Lockstep (every running episode in one policy call per round) until the first call shows
+        # whether the policy draws noise. A policy that does not is then called on whichever
+        # episodes are ready, in batches of exactly pad_batch rows, so no worker waits for the
+        # slowest one and each row's actions do not depend on which rows share its batch. A
+        # stochastic policy stays in lockstep: its noise comes from one generator in call order,
+        # which must not depend on which worker happens to answer first.
+        pipelined = None
         while queue or any(s is not None for s in slots):
             # 1. idle workers start the next episodes
-            resets = {}
             for i in range(n_workers):
-                if slots[i] is None and queue:
+                if slots[i] is None and queue and i not in pending:
                     ep = queue.popleft()
                     slots[i] = _Slot(ep, deadline=time.monotonic() + episode_timeout_s)
-                    resets[i] = ("reset", ep)
-            if resets:
-                replies = pool.request(resets, {i: slots[i].deadline for i in resets})
-                for i, reply in replies.items():
-                    if isinstance(reply, WorkerFault):
-                        fault(i, slots, reply)
-                        continue
-                    if not shapes_checked:
-                        _check_obs_shapes(reply, cfg.obs_shapes, env_spec.task, source)
-                        shapes_checked = True
-                    slots[i].history = deque([reply] * To, maxlen=To)
-            active = [i for i in range(n_workers) if slots[i] is not None]
-            if not active:
+                    err = pool.send(i, ("reset", ep))
+                    if err is not None:
+                        fault(i, slots, err)
+                    else:
+                        pending[i] = "reset"
+            # 2. the policy acts for the waiting episodes (in lockstep: once every worker answered)
+            if ready and (pipelined or not pending):
+                rows = sorted(ready)
+                ready.clear()
+                groups = [rows[k:k + pad_batch] for k in range(0, len(rows), pad_batch)] if pipelined else [rows]
+                for group in groups:
+                    actions, drew_noise = policy_call(group, pad_batch)
+                    if pipelined is None:
+                        pipelined = not drew_noise
+                        state["schedule"] = "pipelined" if pipelined else "lockstep"
+                    # receding horizon: each worker executes the first n_exec actions of its chunk
+                    for j, i in enumerate(group):
+                        err = pool.send(i, ("act", (actions[j, :n_exec], To)))
+                        if err is not None:
+                            fault(i, slots, err)
+                        else:
+                            pending[i] = "act"
+            if not pending:
                 continue
-            # 2. one policy call for every running episode
-            batch = {
-                key: torch.from_numpy(np.stack([np.stack([o[key] for o in slots[i].history]) for i in active]))
-                for key in cfg.obs_shapes
-            }
-            batch = {k: _pad_rows(v.float() if v.dtype == torch.float64 else v, pad_batch).to(device)
-                     for k, v in batch.items()}
-            t0 = time.perf_counter()
-            with torch.inference_mode():
-                actions = policy.predict_action(batch, generator=generator)
-            actions = actions[: len(active)].detach().to("cpu", torch.float64).numpy()
-            state["policy_s"] += time.perf_counter() - t0
-            state["policy_calls"] += 1
-            # 3. receding horizon: each worker executes the first n_exec actions of its chunk
-            acts = {i: ("act", (actions[j, :n_exec], To)) for j, i in enumerate(active)}
-            replies = pool.request(acts, {i: slots[i].deadline for i in active})
+            # 3. whichever workers answer first
+            replies = pool.receive({i: slots[i].deadline for i in pending})
             for i, reply in replies.items():
+                cmd = pending.pop(i)
                 if isinstance(reply, WorkerFault):
                     fault(i, slots, reply)
                     continue
                 slot = slots[i]
+                if cmd == "reset":
+                    if not shapes_checked:
+                        _check_obs_shapes(reply, cfg.obs_shapes, env_spec.task, source)
+                        shapes_checked = True
+                    slot.history = deque([reply] * To, maxlen=To)
+                    ready.add(i)
+                    continue
                 state["env_steps"] += reply["steps"] - slot.steps
                 slot.steps, slot.ret = reply["steps"], reply["return"]
                 slot.history.extend(reply["obs"])
                 if reply["done"]:
                     finish(i, slots, reply["record"])
+                else:
+                    ready.add(i)
+        state["t_done"] = time.perf_counter()  # the last episode ended; closing the workers follows
     bar.close()
 
 
@@ -322,16 +358,19 @@ def _summarize(task, state, protocol, interrupted, out_dir) -> EvalResult:
     records = sorted(state["records"], key=lambda r: r["episode"])
     stats = success_stats(records)
     end = time.perf_counter()
-    running = end - state.get("t_ready", end)  # after the workers started
+    done = state.get("t_done", end)
+    running = done - state.get("t_ready", done)  # from the workers' start to the last episode's end
     timing = {
         "wall_s": round(end - state["t0"], 3),
         "startup_s": round(state.get("t_ready", end) - state["t0"], 3),
+        "shutdown_s": round(end - done, 3),
         "env_steps": state["env_steps"],
         "env_steps_per_s": round(state["env_steps"] / running, 2) if running > 0 else None,
         "policy_calls": state["policy_calls"],
         "policy_ms_per_call": round(1000 * state["policy_s"] / state["policy_calls"], 3)
         if state["policy_calls"] else None,
         "worker_restarts": state["restarts"],
+        "schedule": state.get("schedule"),
     }
     return EvalResult(task=task, **vars(stats), protocol=protocol, timing=timing, interrupted=interrupted,
                       episodes=records, out_dir=out_dir, action_errors=state["action_errors"])

@@ -164,6 +164,34 @@ def test_same_seeds_same_results_regardless_of_worker_count(checkpoint, referenc
     assert [e["return"] for e in shifted.episodes] != [e["return"] for e in reference.episodes[:2]]
 
 
+class _NoiseDrawingPolicy(torch.nn.Module):
+    """A real deterministic policy that also draws from the evaluator's noise generator, as a diffusion
+    or flow policy does: the evaluator must then step all episodes in lockstep, so the order of the
+    draws, and with it every episode, does not depend on which worker answers first."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy, self.config = policy, policy.config
+
+    def reset(self):
+        self.policy.reset()
+
+    def predict_action(self, obs, generator=None):
+        torch.randn(1, generator=generator)
+        return self.policy.predict_action(obs, generator=generator)
+
+
+def test_policies_that_draw_noise_are_stepped_in_lockstep(checkpoint, reference, tmp_path):
+    from dopr.eval import evaluate_policy
+    from dopr.policies import load_policy
+
+    result = evaluate_policy(_NoiseDrawingPolicy(load_policy(checkpoint)), TASK, episodes=4, workers=2,
+                             horizon=HORIZON, out_dir=str(tmp_path), progress=False)
+    assert result.timing["schedule"] == "lockstep"
+    assert reference.timing["schedule"] == "pipelined"
+    assert _fingerprint(result.episodes) == _fingerprint(reference.episodes)
+
+
 def test_killed_worker_is_recorded_and_evaluation_goes_on(checkpoint, reference, tmp_path):
     from dopr.eval import evaluate_policy
     from dopr.policies import load_policy
