@@ -7,7 +7,7 @@ gradient with Sigma = (1/n) sum_i z_i z_i^T, where z gets a trailing 1 when the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 import weakref
 from functools import partial
 
@@ -58,7 +58,6 @@ class InputMoments:
         return out.div_(max(self.n, 1))
 
 
-@dataclass
 class InputStatistics:
     """Forward hooks on `layers` that sum input moments while `active` is set.
 
@@ -67,40 +66,54 @@ class InputStatistics:
     (EMA) models leave no trace.
     Every call of a module adds to its sums (a block called twice, gradient-accumulation
     micro-batches); the optimizer consumes and clears them at each step.
+    The hooks exist only while `active`: a module with no hooks takes torch's fast call path, so the
+    steps that record nothing cost nothing in the forward pass.
     """
 
-    layers: dict[str, nn.Module]
-    active: bool = False
-    moments: dict[str, InputMoments] = field(default_factory=dict)
-
-    def __post_init__(self):
+    def __init__(self, layers: dict[str, nn.Module], active: bool = False):
+        self.layers = layers
+        self.moments: dict[str, InputMoments] = {}
+        self.handles: list = []  # filled in place: the finalizer below holds this very list
+        self._removed = False
         # The hooks hold only a weak reference: a discarded optimizer stops recording and its hooks go away.
-        hook = partial(_call_if_alive, weakref.ref(self))
-        self.handles = [m.register_forward_hook(partial(hook, name), with_kwargs=True) for name, m in self.layers.items()]
-        weakref.finalize(self, _remove_handles, list(self.handles))
+        self._hook = partial(_call_if_alive, weakref.ref(self))
+        weakref.finalize(self, _remove_handles, self.handles)
+        self.active = active
+
+    @property
+    def active(self) -> bool:
+        return bool(self.handles)
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        if value and not self.handles and not self._removed:
+            self.handles.extend(m.register_forward_hook(partial(self._hook, name), with_kwargs=True)
+                                for name, m in self.layers.items())
+        elif not value and self.handles:
+            _remove_handles(self.handles)
 
     def _record(self, name, module, args, kwargs, output):
         # `module is not ...`: a deepcopy of the model (an EMA copy) carries copies of these hooks
-        if not (self.active and module.training and torch.is_grad_enabled()) or module is not self.layers[name]:
+        if not (module.training and torch.is_grad_enabled()) or module is not self.layers[name]:
             return
         x = args[0] if args else kwargs["input"]
         # statistics stay float32 under autocast and build no autograd graph
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             z = layer_inputs(module, x.detach().float())
             acc = self.moments.get(name)
-            if acc is None:
-                d = z.shape[1]
-                acc = self.moments[name] = InputMoments(z.new_zeros(d, d), z.new_zeros(d))
-            acc.zz.addmm_(z.T, z)
-            acc.z.add_(z.sum(0))
-            acc.n += z.shape[0]
+            if acc is None:  # the first call of this step: no zero-filled accumulator to add to
+                self.moments[name] = InputMoments(z.T @ z, z.sum(0), z.shape[0])
+            else:
+                acc.zz.addmm_(z.T, z)
+                acc.z.add_(z.sum(0))
+                acc.n += z.shape[0]
 
     def clear(self) -> None:
         self.moments = {}
 
     def remove(self) -> None:
+        self._removed = True
         _remove_handles(self.handles)
-        self.handles = []
 
 
 def _call_if_alive(ref, name, module, args, kwargs, output):
@@ -109,6 +122,7 @@ def _call_if_alive(ref, name, module, args, kwargs, output):
         stats._record(name, module, args, kwargs, output)
 
 
-def _remove_handles(handles) -> None:
+def _remove_handles(handles: list) -> None:
     for h in handles:
         h.remove()
+    handles.clear()

@@ -49,6 +49,16 @@ class _Layer:
         self.weight = module.weight
         bias = module.bias
         self.bias = bias if bias is not None and bias.requires_grad else None
+        # The refreshed inverse cast to the gradient's dtype (e.g. bfloat16 weights) once per refresh, not
+        # once per step; not optimizer state: rebuilt whenever the stored inverse changes.
+        self.cast_inverse: tuple[torch.Tensor, torch.Tensor] | None = None  # (stored inverse, cast copy)
+
+    def inverse_for(self, inverse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if inverse.dtype == dtype:
+            return inverse
+        if self.cast_inverse is None or self.cast_inverse[0] is not inverse or self.cast_inverse[1].dtype != dtype:
+            self.cast_inverse = (inverse, inverse.to(dtype))
+        return self.cast_inverse[1]
 
 
 def _is_excluded(exclude, name: str, module: nn.Module) -> bool:
@@ -263,7 +273,7 @@ class DoPr(torch.optim.Optimizer):
             return True
         # the 2-norm is 20x cheaper than the max-norm; it also flags gradients beyond ~1e19 (overflow)
         peak = torch.stack(torch._foreach_norm([p.grad for p in params]))
-        if torch.isfinite(peak).all():
+        if math.isfinite(peak.sum().item()):  # one reduction: a NaN or inf norm makes the sum non-finite
             return True
         bad = [self._param_names.get(id(p), "?") for p, v in zip(params, peak.tolist()) if not math.isfinite(v)]
         return self._nonfinite(f"the gradient of parameter(s) {bad}") is not None
@@ -316,7 +326,8 @@ class DoPr(torch.optim.Optimizer):
             g_b = l.bias.grad if l.bias is not None else None
             if l.bias is not None and g_b is None:
                 g_b = torch.zeros_like(l.bias)
-            factor = Factor(state.get("ap_inverse"), state.get("ap_cholesky"))
+            inverse = state.get("ap_inverse")
+            factor = Factor(None if inverse is None else l.inverse_for(inverse, g_w.dtype), state.get("ap_cholesky"))
             m_w, m_b = precondition(g_w.reshape(g_w.shape[0], -1), g_b, factor)
             grads[id(l.weight)] = m_w.view(g_w.shape)
             if m_b is not None:
