@@ -220,7 +220,7 @@ class DoPr(torch.optim.Optimizer):
             refresh = self._refreshes_at(self._step)
             if self.stats == "ema":
                 sigmas = self._update_ema(sigmas, corrected=refresh)
-            if refresh:
+            if refresh and sigmas:  # none after remove_hooks(): every layer keeps its preconditioner
                 self._refresh(sigmas)
             self._apply_updates()
             self._step += 1

@@ -46,7 +46,8 @@ def factorize(names: list[str], sigmas: list[torch.Tensor], damping: float, floo
         sig.diagonal(dim1=-2, dim2=-1).add_(delta[:, None])
         chol, info = torch.linalg.cholesky_ex(sig)
         for j in (info != 0).nonzero().flatten().tolist() if info.any() else ():  # A indefinite by rounding: jitter
-            chol[j], delta[j] = _cholesky_with_jitter(names[idx[j]], sigmas[idx[j]].to(sig.dtype), delta[j], trace[j], eye)
+            original = sigmas[idx[j]].float().to(sig.dtype)
+            chol[j], delta[j] = _cholesky_with_jitter(names[idx[j]], original, delta[j], trace[j], eye)
         explicit = ((trace + delta) / delta <= MAX_COND_FOR_INVERSE).tolist()
         inverse = _inverse(chol).float() if all(explicit) else None
         for j, i in enumerate(idx):

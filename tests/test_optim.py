@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import socket
+import warnings
 
 import pytest
 import torch
@@ -322,3 +323,31 @@ def test_discarded_optimizer_removes_its_hooks():
     del opt
     gc.collect()
     assert len(model[0]._forward_hooks) == 0
+
+
+def test_hooks_are_attached_only_on_steps_that_record():
+    """Steps that record nothing take torch's hook-free forward path; recording steps still record."""
+    data = batches(7, (16, 12), 5)
+    model = mlp()
+    opt = DoPr(model, lr=1e-3, precond_every=3)
+    attached = []
+    for x, y in data:
+        attached.append(len(model[0]._forward_hooks))
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        if attached[-1]:
+            assert set(opt._inputs.moments) == {l.name for l in opt.layers}
+        else:
+            assert not opt._inputs.moments
+        opt.step()
+    assert attached == [1, 0, 0, 1, 0, 0, 1]
+    opt.remove_hooks()
+    kept = opt.state[model[0].weight]["ap_inverse"].clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):  # remove_hooks is final: the schedule never re-attaches them (steps 7..9: a refresh)
+            opt.zero_grad()
+            F.mse_loss(model(data[0][0]), data[0][1]).backward()
+            opt.step()
+            assert len(model[0]._forward_hooks) == 0
+    torch.testing.assert_close(opt.state[model[0].weight]["ap_inverse"], kept, rtol=0, atol=0)
