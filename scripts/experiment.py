@@ -38,6 +38,8 @@ class ExperimentConfig:
     workers: int = 2  # simulator processes for collection and evaluation
     lr: float | None = None  # None: the training default of each policy
     damping: float | None = None  # DoPr's gamma; None: the optimizer's default
+    stats: str | None = None  # DoPr's statistics, "batch" or "ema"; None: the optimizer's default
+    precond_every: int | None = None  # DoPr's refresh period; None: the optimizer's default
     batch_size: int = 256
     # torch threads per training process. One: the simulator workers and other jobs share the cores, and an
     # oversubscribed OpenMP pool is catastrophic (a 256x3 MLP step measured 13 ms on 1 thread, 470 ms on 2
@@ -91,6 +93,8 @@ def add_parser(sub) -> None:
     p.add_argument("--workers", type=int, help=f"simulator worker processes (default {d.workers})")
     p.add_argument("--lr", type=float, help="learning rate for every run (default: each policy's)")
     p.add_argument("--damping", type=float, help="DoPr's gamma (default: the optimizer's)")
+    p.add_argument("--stats", choices=("batch", "ema"), help="DoPr's input statistics (default: the optimizer's)")
+    p.add_argument("--precond-every", type=int, help="DoPr's factorization refresh period (default: the optimizer's)")
     p.add_argument("--batch-size", type=int, help=f"training batch size (default {d.batch_size})")
     p.add_argument("--threads", type=int, help=f"torch threads per training process (default {d.threads})")
     p.add_argument("--out", help=f"experiment folder (default {d.out})")
@@ -157,7 +161,8 @@ def run_experiment(cfg: ExperimentConfig) -> str:
                         print(f"[experiment] {run.name}: {'resuming' if resume else 'training'}", flush=True)
                         train(TrainConfig(
                             data=str(demos), out=str(run), policy=policy, optim=optim, steps=cfg.steps[policy],
-                            seed=seed, lr=cfg.lr, damping=cfg.damping, batch_size=cfg.batch_size,
+                            seed=seed, lr=cfg.lr, damping=cfg.damping, stats=cfg.stats, precond_every=cfg.precond_every,
+                            batch_size=cfg.batch_size,
                             threads=cfg.threads, val_every=cfg.eval_every, ckpt_every=cfg.eval_every,
                             eval_every=cfg.eval_every, eval_episodes=cfg.eval_episodes, eval_workers=cfg.workers,
                             eval_horizon=cfg.horizon, resume=resume, progress=bars,

@@ -50,6 +50,8 @@ class TrainConfig:
     batch_size: int = 256  # global: split across DDP ranks
     weight_decay: float = 1e-4
     damping: float | None = None  # DoPr's gamma (default: optim's)
+    stats: str | None = None  # DoPr's statistics: "batch" or "ema" (default: optim's)
+    precond_every: int | None = None  # DoPr's factorization refresh period in steps (default: optim's)
     warmup_steps: int | None = None  # default: min(500, steps // 10)
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
@@ -92,6 +94,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size (default %(default)s)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay (default %(default)s)")
     p.add_argument("--damping", type=float, default=None, help="DoPr damping gamma (dopr-* only; default: dopr.optim's)")
+    p.add_argument("--stats", choices=("batch", "ema"), default=None,
+                   help="DoPr input statistics: this batch's, or an EMA over steps (dopr-* only; default: dopr.optim's)")
+    p.add_argument("--precond-every", type=int, default=None,
+                   help="DoPr refreshes its factorization every K steps (dopr-* only; default: dopr.optim's)")
     p.add_argument("--warmup-steps", type=int, default=None, help="linear warmup steps before the cosine (default min(500, steps/10))")
     p.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max global gradient norm, 0 = off (default %(default)s)")
     p.add_argument("--ema-decay", type=float, default=d.ema_decay, help="EMA decay of the weights (default %(default)s)")
@@ -415,8 +421,9 @@ def train(cfg: TrainConfig) -> Path:
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
     optim_kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.damping is not None and cfg.optim.startswith("dopr"):
-        optim_kw["damping"] = cfg.damping
+    if cfg.optim.startswith("dopr"):
+        optim_kw.update({k: v for k, v in (("damping", cfg.damping), ("stats", cfg.stats),
+                                           ("precond_every", cfg.precond_every)) if v is not None})
     optimizer = build_optimizer(cfg.optim, model, **optim_kw)  # DoPr averages its statistics over DDP ranks
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
     torch.manual_seed(cfg.seed * 1000 + 1 + rank)  # each rank draws its own noise and crops

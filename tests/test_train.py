@@ -208,3 +208,21 @@ def test_ddp_resume_matches_uninterrupted(store, tmp_path):
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = load_file(full / "ckpt-final" / name), load_file(resumed / "ckpt-final" / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_dopr_options_reach_the_optimizer(store, tmp_path):
+    """--stats ema keeps an EMA of each layer's input moments in the optimizer state; the default does not."""
+    from dopr.scripts.cli import main
+
+    def sigma_ema_layers(out, *extra):
+        rc = main(["train", "--data", str(store), "--out", str(out), "--optim", "dopr-adamw", "--steps", "4",
+                   "--batch-size", "32", "--val-every", "0", "--ckpt-every", "0", "--threads", "1", "--no-progress",
+                   *extra])
+        assert rc == 0
+        state = torch.load(out / "ckpt-final" / "optimizer.pt", weights_only=True)["optimizer"]["state"]
+        return sum("sigma_ema" in s for s in state.values())
+
+    assert sigma_ema_layers(tmp_path / "batch") == 0
+    assert sigma_ema_layers(tmp_path / "ema", "--stats", "ema", "--precond-every", "2", "--damping", "0.3") > 0
+    cfg = json.loads((tmp_path / "ema" / "config.json").read_text())
+    assert (cfg["stats"], cfg["precond_every"], cfg["damping"]) == ("ema", 2, 0.3)
