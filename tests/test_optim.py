@@ -4,7 +4,6 @@ Newton's method on least squares, checkpoint resume, and a real 2-process DDP ru
 from __future__ import annotations
 
 import copy
-import socket
 import warnings
 
 import pytest
@@ -260,18 +259,12 @@ def test_nonfinite_gradients_and_inputs_name_the_layer_and_leave_weights_untouch
 
 
 # ---------------------------------------------------------------- distributed
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_process_ddp_takes_the_single_process_steps(tmp_path):
     import torch.multiprocessing as mp
 
     data = batches(5, (8, 3, 8), 2)
     out = tmp_path / "rank0.pt"
-    mp.spawn(ddp_worker, args=(2, _free_port(), data, str(out)), nprocs=2, join=True)
+    mp.spawn(ddp_worker, args=(2, str(tmp_path / "ddp_store"), data, str(out)), nprocs=2, join=True)
     single = ConvNet()
     train(single, DoPr(single, lr=1e-2, stats="ema", precond_every=2), data)
     ddp = ConvNet()
