@@ -35,7 +35,7 @@ import mujoco
 import numpy as np
 
 from dopr.envs.rendering import require_offscreen_rendering
-from dopr.envs.task_spec import TaskSpec
+from dopr.envs.task_spec import TaskSpec, checked_state
 
 REACH_TOLERANCE = 0.02  # m: fingertip (r=0.01) and target (r=0.009) spheres touch
 REACH_HOLD_STEPS = 10
@@ -183,12 +183,7 @@ class GymTaskEnv(gymnasium.Env):
 
     def reset_to_state(self, state: np.ndarray) -> dict[str, np.ndarray]:
         """Put the simulator in `state` (from get_state) and start a new episode there."""
-        state = np.asarray(state, dtype=np.float64)
-        if state.shape != (self._state_size,):
-            raise ValueError(
-                f"{self.task_spec.name}: state has shape {state.shape}, expected "
-                f"({self._state_size},) as returned by get_state()"
-            )
+        state = checked_state(state, self._state_size, self.task_spec.name)
         mujoco.mj_setState(self.model, self.data, state, self._state_spec)
         mujoco.mj_forward(self.model, self.data)
         self._t = 0

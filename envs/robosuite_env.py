@@ -26,7 +26,7 @@ import gymnasium
 import numpy as np
 
 from dopr.envs.rendering import configure_gl_backend, require_offscreen_rendering
-from dopr.envs.task_spec import TaskSpec
+from dopr.envs.task_spec import TaskSpec, checked_state
 
 CAMERAS = ("agentview", "robot0_eye_in_hand")
 LOWDIM_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
@@ -197,12 +197,7 @@ class RobosuiteEnv(gymnasium.Env):
         the episode generators, then sets the state: stepping the same actions from the first
         state of a recorded episode reproduces it.
         """
-        state = np.asarray(state, dtype=np.float64)
-        if state.shape != (self._state_size,):
-            raise ValueError(
-                f"{self.task_spec.name}: state has shape {state.shape}, expected "
-                f"({self._state_size},) as returned by get_state() for this task"
-            )
+        state = checked_state(state, self._state_size, self.task_spec.name)
         env = self.robosuite_env
         env.deterministic_reset = True  # skip placement sampling and joint noise
         try:

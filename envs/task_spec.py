@@ -23,3 +23,14 @@ class TaskSpec:
     control_freq: float = 20.0  # control steps per second
     demo_steps: int = 0  # typical length of a scripted expert episode (0: unknown)
     extra: dict = field(default_factory=dict)  # simulator-specific construction options
+
+
+def checked_state(state, size: int, task: str):
+    """`state` as the float64 vector of `size` entries that the task's get_state() returns, or a clear error."""
+    import numpy as np
+
+    state = np.asarray(state, dtype=np.float64)
+    if state.shape != (size,):
+        raise ValueError(f"{task}: state has shape {state.shape}, expected ({size},) as returned by get_state() "
+                         "for this task")
+    return state
