@@ -67,7 +67,8 @@ def _find(d, *names):
 
 
 def _optimizer_name(cfg: dict) -> str:
-    opt = _find(cfg, "optimizer", "optim", "optimizer_name")
+    """The compared configuration: the run's label (e.g. "dopr-adamw:damping=0.3"), else its optimizer."""
+    opt = _find(cfg, "label") or _find(cfg, "optimizer", "optim", "optimizer_name")
     return str(opt) if opt is not None else "unknown"
 
 

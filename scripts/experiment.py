@@ -1,9 +1,14 @@
 """`dopr experiment`: collect, train with periodic closed-loop evaluation, and report, in one command.
 
+Each entry of --optims is an arm of the comparison: an optimizer, optionally with its own settings
+after colons, e.g. `adamw:lr=1e-3,dopr-adamw:lr=1e-3,dopr-adamw:lr=1e-3:damping=0.3:stats=ema`
+(lr, damping, stats, precond_every; an arm's settings override the flags of the same name). DoPr arms
+are compared, paired, with the first arm of their base optimizer.
+
 Everything it makes lives under one folder (default out/experiment):
 
     demos/<task>-<n>.zarr                     demonstrations, shared by every run of a task
-    runs/<task>-<policy>-<optim>-s<seed>/     one training run, evaluated at every checkpoint
+    runs/<task>-<policy>-<arm>-s<seed>/       one training run, evaluated at every checkpoint
     report/report.md, *.png                   the TTF report over all runs
     table.md                                  success and validation loss per cell, paired comparisons
 
@@ -66,6 +71,48 @@ def _csv(s: str) -> list[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
+ARM_SETTINGS = {"lr": float, "damping": float, "stats": str, "precond_every": int}
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One configuration being compared: "dopr-adamw:damping=0.3:lr=1e-3" is dopr-adamw with those settings."""
+
+    label: str
+    optim: str
+    settings: tuple[tuple[str, object], ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str) -> "Arm":
+        from dopr.scripts.train import OPTIMIZERS
+
+        optim, *items = spec.split(":")
+        if optim not in OPTIMIZERS:
+            raise ValueError(f"--optims entry {spec!r}: unknown optimizer {optim!r}; choose from {list(OPTIMIZERS)}")
+        settings = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or key not in ARM_SETTINGS:
+                raise ValueError(f"--optims entry {spec!r}: {item!r} is not KEY=VALUE with KEY one of {list(ARM_SETTINGS)}")
+            if key in settings:
+                raise ValueError(f"--optims entry {spec!r}: {key} given twice")
+            try:
+                settings[key] = ARM_SETTINGS[key](value)
+            except ValueError:
+                raise ValueError(f"--optims entry {spec!r}: {key}={value!r} is not a {ARM_SETTINGS[key].__name__}") from None
+        if not optim.startswith("dopr") and set(settings) - {"lr"}:
+            raise ValueError(f"--optims entry {spec!r}: {sorted(set(settings) - {'lr'})} only apply to dopr-* optimizers")
+        return cls(spec, optim, tuple(settings.items()))
+
+    @property
+    def slug(self) -> str:
+        """The label as a folder name: "dopr-adamw:damping=0.3" -> "dopr-adamw_damping0.3"."""
+        return self.label.replace(":", "_").replace("=", "")
+
+    def setting(self, key: str, default):
+        return dict(self.settings).get(key, default)
+
+
 def add_parser(sub) -> None:
     d = ExperimentConfig()
     p = sub.add_parser(
@@ -77,7 +124,8 @@ def add_parser(sub) -> None:
     p.add_argument("--config", help="JSON or TOML file with the options below (flags given here override it)")
     p.add_argument("--tasks", type=_csv, help=f"comma-separated tasks (default {','.join(d.tasks)})")
     p.add_argument("--policies", type=_csv, help=f"mlp, diffusion, flow (default {','.join(d.policies)})")
-    p.add_argument("--optims", type=_csv, help=f"dopr-adamw, dopr-muon, adamw, muon (default {','.join(d.optims)})")
+    p.add_argument("--optims", type=_csv, help="arms: dopr-adamw, dopr-muon, adamw, muon, each optionally with "
+                   f"':KEY=VALUE' settings (lr, damping, stats, precond_every) (default {','.join(d.optims)})")
     p.add_argument("--seeds", type=int, help=f"training seeds per cell (default {d.seeds})")
     p.add_argument("--seed-offset", type=int, help="first training seed (keep tuning seeds apart from reporting seeds)")
     p.add_argument("--demos", type=int, help=f"demonstrations per task (default {d.demos})")
@@ -125,13 +173,16 @@ def run_experiment(cfg: ExperimentConfig) -> str:
     from dopr.eval import evaluate_checkpoint, measure_compounding_error
     from dopr.eval.report import build_report
     from dopr.eval.results import COMPOUNDING_FILE, RESULTS_FILE
-    from dopr.scripts.train import OPTIMIZERS, POLICIES, TrainConfig, train
+    from dopr.scripts.train import POLICIES, TrainConfig, train
 
-    for name, values, allowed in (("task", cfg.tasks, list_tasks()), ("policy", cfg.policies, POLICIES),
-                                  ("optimizer", cfg.optims, OPTIMIZERS)):
+    for name, values, allowed in (("task", cfg.tasks, list_tasks()), ("policy", cfg.policies, POLICIES)):
         bad = [v for v in values if v not in allowed]
         if bad:
             raise ValueError(f"unknown {name}(s) {bad}; choose from {list(allowed)}")
+    arms = [Arm.parse(spec) for spec in cfg.optims]
+    clash = sorted({a.slug for a in arms if [b.slug for b in arms].count(a.slug) > 1})
+    if clash:
+        raise ValueError(f"--optims names the same arm twice: {clash}")
     bars = sys.stderr.isatty()  # progress bars in a terminal; a log file gets the [experiment] lines
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,9 +196,9 @@ def run_experiment(cfg: ExperimentConfig) -> str:
         collect(CollectConfig(task=task, n_episodes=cfg.demos, out=str(demos), workers=cfg.workers,
                               seed=0, noise_std=cfg.demo_noise_std, progress=bars))
         for policy in cfg.policies:
-            for optim in cfg.optims:
+            for arm in arms:
                 for seed in range(cfg.seed_offset, cfg.seed_offset + cfg.seeds):
-                    run = out / "runs" / f"{task}-{policy}-{optim}-s{seed}"
+                    run = out / "runs" / f"{task}-{policy}-{arm.slug}-s{seed}"
                     run_dirs.append(str(run))
                     final = run / "ckpt-final"
                     if (final / "eval" / RESULTS_FILE).exists():
@@ -160,9 +211,10 @@ def run_experiment(cfg: ExperimentConfig) -> str:
                         resume = "latest" if any(run.glob("ckpt-*")) else None
                         print(f"[experiment] {run.name}: {'resuming' if resume else 'training'}", flush=True)
                         train(TrainConfig(
-                            data=str(demos), out=str(run), policy=policy, optim=optim, steps=cfg.steps[policy],
-                            seed=seed, lr=cfg.lr, damping=cfg.damping, stats=cfg.stats, precond_every=cfg.precond_every,
-                            batch_size=cfg.batch_size,
+                            data=str(demos), out=str(run), policy=policy, optim=arm.optim, label=arm.label,
+                            steps=cfg.steps[policy], seed=seed, lr=arm.setting("lr", cfg.lr),
+                            damping=arm.setting("damping", cfg.damping), stats=arm.setting("stats", cfg.stats),
+                            precond_every=arm.setting("precond_every", cfg.precond_every), batch_size=cfg.batch_size,
                             threads=cfg.threads, val_every=cfg.eval_every, ckpt_every=cfg.eval_every,
                             eval_every=cfg.eval_every, eval_episodes=cfg.eval_episodes, eval_workers=cfg.workers,
                             eval_horizon=cfg.horizon, resume=resume, progress=bars,
@@ -175,15 +227,15 @@ def run_experiment(cfg: ExperimentConfig) -> str:
                                                   workers=cfg.workers, horizon=cfg.horizon, progress=bars)
 
     report_md = build_report(run_dirs, str(out / "report"))
-    table = experiment_table(run_dirs, cfg.optims)
+    table = experiment_table(run_dirs, arms)
     minutes = (time.time() - started) / 60
     (out / "table.md").write_text(table + f"\n\nWall time of this invocation: {minutes:.1f} min.\n")
     print(f"[experiment] report: {report_md}; table: {out / 'table.md'} ({minutes:.1f} min)", flush=True)
     return table
 
 
-def experiment_table(run_dirs: list[str], optims: list[str]) -> str:
-    """Cells from the runs' final checkpoints, and DoPr against its base optimizer, paired."""
+def experiment_table(run_dirs: list[str], arms: list[Arm]) -> str:
+    """Cells from the runs' final checkpoints, and each DoPr arm against the first arm of its base optimizer, paired."""
     from pathlib import Path
 
     from dopr.eval.comparison import Cell, SeedResult, comparison_table
@@ -198,11 +250,15 @@ def experiment_table(run_dirs: list[str], optims: list[str]) -> str:
         cfg = json.loads((run / "config.json").read_text())
         meta = load_checkpoint_meta(final)
         episodes = read_episodes(str(final / "eval"))
-        key = (meta["task"], cfg["policy"], cfg["optim"])
+        key = (meta["task"], cfg["policy"], cfg.get("label") or cfg["optim"])
         cell = cells.setdefault(key, Cell(*key))
         cell.seeds.append(SeedResult(seed=cfg["seed"], success={int(e["seed"]): bool(e["success"]) for e in episodes},
                                      val_loss=meta.get("val_loss"), step=int(meta["step"])))
-    pairs = [(o, o.removeprefix("dopr-")) for o in optims if o.startswith("dopr-") and o.removeprefix("dopr-") in optims]
+    first_of = {}
+    for a in arms:
+        first_of.setdefault(a.optim, a.label)
+    pairs = [(a.label, first_of[a.optim.removeprefix("dopr-")]) for a in arms
+             if a.optim.startswith("dopr-") and a.optim.removeprefix("dopr-") in first_of]
     return comparison_table(sorted(cells.values(), key=lambda c: (c.task, c.policy, c.optim)), pairs)
 
 

@@ -34,7 +34,7 @@ OPTIMIZERS = ("dopr-adamw", "dopr-muon", "adamw", "muon")
 VAL_BATCH_SIZE = 256  # fixed, so the fixed validation noise does not depend on the training batch size
 # Fields that may differ between a run and its resumption (they do not change the weights).
 # A moved run folder or dataset is fine: the dataset is checked by its fingerprint instead of its path.
-RESUME_MAY_CHANGE = {"resume", "out", "data", "threads", "eval_every", "eval_episodes", "eval_workers", "eval_horizon", "log_every",
+RESUME_MAY_CHANGE = {"resume", "out", "data", "label", "threads", "eval_every", "eval_episodes", "eval_workers", "eval_horizon", "log_every",
                      "progress"}
 
 
@@ -44,6 +44,7 @@ class TrainConfig:
     out: str = ""  # default: out/runs/<policy>-<optim>-seed<seed>
     policy: str = "mlp"
     optim: str = "dopr-adamw"
+    label: str | None = None  # this configuration's name in reports and tables (default: optim)
     steps: int = 10000
     seed: int = 0
     lr: float | None = None  # default: 3e-4 for mlp, 1e-4 for diffusion/flow
@@ -88,6 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="", help="run folder (default out/runs/<policy>-<optim>-seed<seed>)")
     p.add_argument("--policy", choices=POLICIES, default=d.policy, help="policy kind (default %(default)s)")
     p.add_argument("--optim", choices=OPTIMIZERS, default=d.optim, help="optimizer (default %(default)s)")
+    p.add_argument("--label", default=None, help="this configuration's name in reports (default: the optimizer)")
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of init, batches and noise (default %(default)s)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 3e-4 mlp, 1e-4 diffusion/flow)")
@@ -158,6 +160,7 @@ def resolve_defaults(cfg: TrainConfig, store) -> TrainConfig:
     c = dataclasses.replace(cfg)
     c.out = c.out or f"out/runs/{c.policy}-{c.optim}-seed{c.seed}"
     c.lr = c.lr if c.lr is not None else (3e-4 if c.policy == "mlp" else 1e-4)
+    c.label = c.label or c.optim
     c.warmup_steps = c.warmup_steps if c.warmup_steps is not None else min(500, c.steps // 10)
     c.num_inference_steps = c.num_inference_steps or (100 if c.policy == "diffusion" else 10)
     if c.obs_keys is None:
@@ -421,6 +424,10 @@ def train(cfg: TrainConfig) -> Path:
     if distributed:
         model = torch.nn.parallel.DistributedDataParallel(policy, device_ids=[device.index] if device.type == "cuda" else None)
     optim_kw = dict(lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optim.endswith("muon"):
+        # Muon's update scaled to AdamW's RMS (Liu et al. 2025, torch.optim.Muon's "match_rms_adamw"): one lr
+        # then serves the Muon matrices and the AdamW rest, and lr grids are shared with AdamW.
+        optim_kw["adjust_lr_fn"] = "match_rms_adamw"
     if cfg.optim.startswith("dopr"):
         optim_kw.update({k: v for k, v in (("damping", cfg.damping), ("stats", cfg.stats),
                                            ("precond_every", cfg.precond_every)) if v is not None})
