@@ -71,6 +71,30 @@ def test_round_trip(tmp_path, rng):
     np.testing.assert_array_equal(again.get_episode(4)["state"], episodes[0]["state"])
 
 
+def test_batched_append_equals_single_appends_and_is_all_or_nothing(tmp_path, rng):
+    episodes = [make_episode(rng, n) for n in (5, 300, 1, 17, 40)]
+    one = EpisodeStore.create(tmp_path / "one.zarr")
+    for ep in episodes:
+        one.append_episode(ep)
+    batched = EpisodeStore.create(tmp_path / "batched.zarr")
+    assert batched.append_episodes(episodes[:3]) == [0, 1, 2]  # the first batch creates the arrays
+    assert batched.append_episodes(episodes[3:]) == [3, 4]
+    assert batched.append_episodes([]) == []
+    batched = EpisodeStore.open(tmp_path / "batched.zarr", mode="a")
+    np.testing.assert_array_equal(batched.episode_ends, EpisodeStore.open(tmp_path / "one.zarr").episode_ends)
+    for i, ep in enumerate(episodes):
+        for key, value in batched.get_episode(i).items():
+            np.testing.assert_array_equal(value, ep[key])
+    # one bad episode in a batch: none of the batch is stored, and the error names its index
+    bad = make_episode(rng, 4)
+    bad["state"] = bad["state"][:3]
+    with pytest.raises(EpisodeStoreError, match="episode 6"):
+        batched.append_episodes([make_episode(rng, 4), bad])
+    reopened = EpisodeStore.open(tmp_path / "batched.zarr")
+    assert reopened.n_episodes == 5 and reopened.n_steps == 363
+    reopened.validate(full=True)
+
+
 def test_create_refuses_existing_and_open_a_creates(tmp_path, rng):
     path = tmp_path / "s.zarr"
     EpisodeStore.create(path)
