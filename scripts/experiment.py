@@ -46,6 +46,7 @@ class ExperimentConfig:
     stats: str | None = None  # DoPr's statistics, "batch" or "ema"; None: the optimizer's default
     precond_every: int | None = None  # DoPr's refresh period; None: the optimizer's default
     batch_size: int = 256
+    down_dims: list[int] | None = None  # the diffusion/flow UNet's channels; None: the training default (256, 512, 1024)
     # torch threads per training process. One: the simulator workers and other jobs share the cores, and an
     # oversubscribed OpenMP pool is catastrophic (a 256x3 MLP step measured 13 ms on 1 thread, 470 ms on 2
     # threads with one other busy process on 2 cores).
@@ -144,6 +145,8 @@ def add_parser(sub) -> None:
     p.add_argument("--stats", choices=("batch", "ema"), help="DoPr's input statistics (default: the optimizer's)")
     p.add_argument("--precond-every", type=int, help="DoPr's factorization refresh period (default: the optimizer's)")
     p.add_argument("--batch-size", type=int, help=f"training batch size (default {d.batch_size})")
+    p.add_argument("--down-dims", type=lambda s: [int(x) for x in _csv(s)],
+                   help="diffusion/flow UNet channels, e.g. 32,64,128 for CPU (default: training's 256,512,1024)")
     p.add_argument("--threads", type=int, help=f"torch threads per training process (default {d.threads})")
     p.add_argument("--out", help=f"experiment folder (default {d.out})")
     p.add_argument("--demos-dir", help="folder of demonstration stores to share between experiments (default OUT/demos)")
@@ -215,6 +218,7 @@ def run_experiment(cfg: ExperimentConfig) -> str:
                             steps=cfg.steps[policy], seed=seed, lr=arm.setting("lr", cfg.lr),
                             damping=arm.setting("damping", cfg.damping), stats=arm.setting("stats", cfg.stats),
                             precond_every=arm.setting("precond_every", cfg.precond_every), batch_size=cfg.batch_size,
+                            **({"down_dims": cfg.down_dims} if cfg.down_dims else {}),
                             threads=cfg.threads, val_every=cfg.eval_every, ckpt_every=cfg.eval_every,
                             eval_every=cfg.eval_every, eval_episodes=cfg.eval_episodes, eval_workers=cfg.workers,
                             eval_horizon=cfg.horizon, resume=resume, progress=bars,
