@@ -296,13 +296,15 @@ def _markdown(rows, evaluated, correlations, optimizers, curves, figures) -> str
         line = (f"- Final checkpoints: lowest mean validation loss {best_loss[0]} ({best_loss[1]:.4g}), highest "
                 f"mean success {best_success[0]} ({best_success[2]:.3f}): validation loss "
                 f"{'ranked the optimizers as success did' if same else 'did NOT rank the optimizers as success did'}")
-        # A ranking by success means something only where the pooled 95% intervals separate.
-        intervals = {opt: _pooled_interval(by_opt[opt]) for opt, *_ in with_both}
-        lo_best = intervals[best_success[0]][0]
-        if any(hi >= lo_best for opt, (_, hi) in intervals.items() if opt != best_success[0]):
-            line += (", but the success rates lie within each other's pooled 95% intervals "
-                     "(" + ", ".join(f"{o} {lo:.2f}-{hi:.2f}" for o, (lo, hi) in sorted(intervals.items())) +
-                     "): the episodes do not resolve which optimizer succeeds more")
+        if not same:
+            # The disagreement matters only where the two arms' pooled 95% intervals separate.
+            (lo_s, hi_s), (lo_l, hi_l) = _pooled_interval(by_opt[best_success[0]]), _pooled_interval(by_opt[best_loss[0]])
+            both = f"{best_loss[0]} {lo_l:.2f}-{hi_l:.2f}, {best_success[0]} {lo_s:.2f}-{hi_s:.2f}"
+            if hi_l >= lo_s:
+                line += f", but their pooled 95% intervals overlap ({both}): the episodes do not resolve that difference"
+            else:
+                line += (f"; their pooled 95% intervals separate ({both}): choosing by validation loss would have "
+                         f"cost {best_success[2] - best_loss[2]:.2f} in success")
         lines.append(line + ".")
     lines.append("")
     lines += ["## Final checkpoint per run, by optimizer", "",

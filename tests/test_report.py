@@ -84,17 +84,17 @@ def test_report_correlations_match_hand_computed(runs, tmp_path):
         dst = tmp_path / "runs" / os.path.basename(run)
         shutil.copytree(run, dst)
         copies.append(str(dst))
-    # successes of 10 episodes at steps 20, 40, 60
-    chosen = {"adamw": (2, 5, 7), "dopr-adamw": (9, 4, 1)}
+    # successes of 20 episodes at steps 20, 40, 60
+    chosen = {"adamw": (4, 10, 17), "dopr-adamw": (18, 8, 2)}
     points = []
     for run in copies:
         opt = os.path.basename(run)
         for ckpt, k in zip(("ckpt-0000020", "ckpt-0000040", "ckpt-final"), chosen[opt]):
             episodes = [{"episode": i, "success": i < k, "steps": 5, "return": 0.0, "time_to_success": 5 if i < k else None}
-                        for i in range(10)]
+                        for i in range(20)]
             result = EvalResult(task=TASK, **vars(success_stats(episodes)), protocol={"init": "random", "horizon": 20})
             write_json_atomic(os.path.join(run, ckpt, "eval", "results.json"), result.summary())
-            points.append((opt, json.load(open(os.path.join(run, ckpt, "meta.json")))["val_loss"], k / 10))
+            points.append((opt, json.load(open(os.path.join(run, ckpt, "meta.json")))["val_loss"], k / 20))
     build_report(copies, str(tmp_path / "out"))
     md = open(tmp_path / "out" / "report.md").read()
     saved = json.load(open(tmp_path / "out" / "report.json"))["spearman_val_loss_vs_success"]
@@ -120,6 +120,14 @@ def test_report_correlations_match_hand_computed(runs, tmp_path):
         assert saved[opt]["rho"] == pytest.approx(rho) and saved[opt]["n"] == 3
         assert f"| {opt} | {rho:+.3f} |" in md
     assert "At a glance" in md
+    # final checkpoints: 17/20 against 2/20, whose Wilson intervals separate
+    (final_line,) = [line for line in md.splitlines() if line.startswith("- Final checkpoints")]
+    lower_loss = min(OPTIMIZERS, key=lambda o: [p[1] for p in points if p[0] == o][-1])
+    if lower_loss == "adamw":
+        assert "validation loss ranked the optimizers as success did" in final_line
+    else:
+        assert "intervals separate (dopr-adamw 0.03-0.30, adamw 0.64-0.95)" in final_line
+        assert "would have cost 0.75 in success" in final_line
     assert _has_colour(str(tmp_path / "out" / "success_vs_val_loss.png"), TAB10_BLUE)
     assert _has_colour(str(tmp_path / "out" / "success_vs_val_loss.png"), TAB10_ORANGE)
 
