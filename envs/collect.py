@@ -225,7 +225,8 @@ def _record(store, kept: list[dict], next_seed: int, attempts: int) -> None:
 class _Unwritten:
     """Finished rollouts not yet in the store. The parent writes them in one atomic batch every
     FLUSH_SECONDS (and at the end, or when interrupted): one append per short episode cost the
-    parent ~9 ms each, CPU taken from the workers on a machine with as many cores as workers."""
+    parent 22-41 ms each (lift, measured by `dopr bench collect`), CPU taken from the workers on a
+    machine with as many cores as workers; a batch costs ~3.5 ms per episode."""
 
     def __init__(self, store):
         self.store, self.kept, self.attempts, self.next_seed = store, [], 0, None

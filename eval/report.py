@@ -66,8 +66,9 @@ def _find(d, *names):
     return None
 
 
-def _optimizer_name(cfg: dict) -> str:
-    """The compared configuration: the run's label (e.g. "dopr-adamw:damping=0.3"), else its optimizer."""
+def configuration_name(cfg: dict) -> str:
+    """The compared configuration of a run's config.json: its label (e.g. "dopr-adamw:damping=0.3"), else its
+    optimizer."""
     opt = _find(cfg, "label") or _find(cfg, "optimizer", "optim", "optimizer_name")
     return str(opt) if opt is not None else "unknown"
 
@@ -85,7 +86,7 @@ def read_run(run_dir: str) -> tuple[list[CheckpointRow], list[dict], list[dict]]
     cfg_path = os.path.join(run_dir, "config.json")
     cfg = _read_json(cfg_path) if os.path.isfile(cfg_path) else {}
     run = os.path.basename(os.path.normpath(run_dir))
-    optimizer = _optimizer_name(cfg)
+    optimizer = configuration_name(cfg)
     policy = str(_find(cfg, "policy_kind", "kind") or _find(cfg, "policy") or "unknown")
     seed = _find(cfg, "seed")
     task = _find(cfg, "task")

@@ -169,6 +169,7 @@ def run_experiment(cfg: ExperimentConfig) -> str:
     """Runs what is missing of the experiment; returns the markdown table."""
     import sys
     import time
+    from collections import Counter
     from pathlib import Path
 
     from dopr.envs import list_tasks
@@ -183,7 +184,7 @@ def run_experiment(cfg: ExperimentConfig) -> str:
         if bad:
             raise ValueError(f"unknown {name}(s) {bad}; choose from {list(allowed)}")
     arms = [Arm.parse(spec) for spec in cfg.optims]
-    clash = sorted({a.slug for a in arms if [b.slug for b in arms].count(a.slug) > 1})
+    clash = sorted(slug for slug, n in Counter(a.slug for a in arms).items() if n > 1)
     if clash:
         raise ValueError(f"--optims names the same arm twice: {clash}")
     bars = sys.stderr.isatty()  # progress bars in a terminal; a log file gets the [experiment] lines
@@ -215,9 +216,9 @@ def run_experiment(cfg: ExperimentConfig) -> str:
                         print(f"[experiment] {run.name}: {'resuming' if resume else 'training'}", flush=True)
                         train(TrainConfig(
                             data=str(demos), out=str(run), policy=policy, optim=arm.optim, label=arm.label,
-                            steps=cfg.steps[policy], seed=seed, lr=arm.setting("lr", cfg.lr),
-                            damping=arm.setting("damping", cfg.damping), stats=arm.setting("stats", cfg.stats),
-                            precond_every=arm.setting("precond_every", cfg.precond_every), batch_size=cfg.batch_size,
+                            steps=cfg.steps[policy], seed=seed, batch_size=cfg.batch_size,
+                            # the arm's own settings, else the experiment's flags of the same name
+                            **{key: arm.setting(key, getattr(cfg, key)) for key in ARM_SETTINGS},
                             **({"down_dims": cfg.down_dims} if cfg.down_dims else {}),
                             threads=cfg.threads, val_every=cfg.eval_every, ckpt_every=cfg.eval_every,
                             eval_every=cfg.eval_every, eval_episodes=cfg.eval_episodes, eval_workers=cfg.workers,
@@ -243,6 +244,7 @@ def experiment_table(run_dirs: list[str], arms: list[Arm]) -> str:
     from pathlib import Path
 
     from dopr.eval.comparison import Cell, SeedResult, comparison_table
+    from dopr.eval.report import configuration_name
     from dopr.eval.results import read_episodes
     from dopr.policies import load_checkpoint_meta
 
@@ -254,7 +256,7 @@ def experiment_table(run_dirs: list[str], arms: list[Arm]) -> str:
         cfg = json.loads((run / "config.json").read_text())
         meta = load_checkpoint_meta(final)
         episodes = read_episodes(str(final / "eval"))
-        key = (meta["task"], cfg["policy"], cfg.get("label") or cfg["optim"])
+        key = (meta["task"], cfg["policy"], configuration_name(cfg))
         cell = cells.setdefault(key, Cell(*key))
         cell.seeds.append(SeedResult(seed=cfg["seed"], success={int(e["seed"]): bool(e["success"]) for e in episodes},
                                      val_loss=meta.get("val_loss"), step=int(meta["step"])))
