@@ -14,29 +14,49 @@ import torch
 
 # Keller Jordan's quintic Newton-Schulz coefficients, as in torch.optim.Muon.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# Devices with torch's fused AdamW kernel (torch.utils._foreach_utils lists them; a private module).
+FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")
 
 
-def adamw_update(params, grads, states, lr, betas, eps, weight_decay) -> None:
+def adamw_update(params, grads, states, lr, betas, eps, weight_decay, fused: bool | None = None) -> None:
+    """AdamW: m <- b1 m + (1-b1) g, v <- b2 v + (1-b2) g^2, theta <- (1 - lr wd) theta - lr m_hat / (sqrt(v_hat) + eps).
+
+    `fused` (default: where torch has the kernel) runs torch's fused AdamW kernel, the one
+    torch.optim.AdamW(fused=True) runs: one pass over each tensor instead of the eight below, which
+    is 3-4x faster on a CPU (0.15 vs 0.57 ms for the 19-256x3-7 MLP); same math up to rounding.
+    """
     if not params:
         return
     beta1, beta2 = betas
     for p, s in zip(params, states):
         if "exp_avg" not in s:
-            s["step"] = torch.tensor(0.0)
+            s["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             s["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             s["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        s["step"] += 1
-    exp_avgs = [s["exp_avg"] for s in states]
-    exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-    steps = [s["step"].item() for s in states]
-    torch._foreach_mul_(params, 1 - lr * weight_decay)
-    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-    denom = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denom, [math.sqrt(1 - beta2**t) for t in steps])
-    torch._foreach_add_(denom, eps)
-    torch._foreach_addcdiv_(params, exp_avgs, denom, [-lr / (1 - beta1**t) for t in steps])
+        elif s["step"].device != p.device:  # a checkpoint's CPU step counter (the fused kernel reads it on the device)
+            s["step"] = s["step"].to(device=p.device, dtype=torch.float32)
+    if fused is None:
+        fused = all(p.device.type in FUSED_DEVICES for p in params)
+    by_kind: dict[tuple, list[int]] = {}  # the kernel takes tensors of one device and dtype
+    for i, p in enumerate(params):
+        by_kind.setdefault((p.device, p.dtype), []).append(i)
+    for idx in by_kind.values():
+        p, g = [params[i] for i in idx], [grads[i] for i in idx]
+        m, v, t = ([states[i][k] for i in idx] for k in ("exp_avg", "exp_avg_sq", "step"))
+        torch._foreach_add_(t, 1)
+        if fused:
+            torch._fused_adamw_(p, g, m, v, [], t, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                                eps=eps, amsgrad=False, maximize=False)
+            continue
+        steps = [step.item() for step in t]
+        torch._foreach_mul_(p, 1 - lr * weight_decay)
+        torch._foreach_lerp_(m, g, 1 - beta1)
+        torch._foreach_mul_(v, beta2)
+        torch._foreach_addcmul_(v, g, g, 1 - beta2)
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, [math.sqrt(1 - beta2**k) for k in steps])
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(p, m, denom, [-lr / (1 - beta1**k) for k in steps])
 
 
 def sgd_update(params, grads, states, lr, momentum, nesterov, weight_decay) -> None:

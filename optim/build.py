@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .base_updates import FUSED_DEVICES
 from .dopr import DoPr
 
 OPTIMIZERS = ("dopr-adamw", "dopr-muon", "adamw", "muon")
@@ -20,7 +21,7 @@ def build(name: str = "dopr-adamw", model: nn.Module | None = None, **kw) -> tor
     kw: lr, weight_decay, betas, eps; Muon's momentum, nesterov, ns_steps, adjust_lr_fn, adamw_lr; DoPr's
     damping, stats, stat_decay, stats_every, precond_every, damping_floor, exclude, skip_nonfinite (see
     DoPr). Options that do not apply to `name` are ignored, so one config serves every name; unknown
-    options raise. "adamw" is torch.optim.AdamW itself; "muon" is DoPr with AP off: Muon
+    options raise. "adamw" is torch.optim.AdamW itself (fused); "muon" is DoPr with AP off: Muon
     (torch.optim.Muon's math) on every Linear/Conv weight and AdamW on the rest, as one optimizer object.
     """
     if name not in OPTIMIZERS:
@@ -35,7 +36,11 @@ def build(name: str = "dopr-adamw", model: nn.Module | None = None, **kw) -> tor
         kw.setdefault("weight_decay", 1e-2)
         if not kw.get("lr", 1e-3) >= 0:
             raise ValueError(f"build('adamw'): lr must be >= 0, got {kw['lr']}")
-        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **kw)
+        params = [p for p in model.parameters() if p.requires_grad]
+        # torch's fused kernel where it has one (3-4x faster than its default loop on a CPU): the same
+        # kernel DoPr's AdamW part runs, so timing comparisons measure AP and nothing else
+        fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+        return torch.optim.AdamW(params, fused=fused or None, **kw)
     if name == "muon":
         kw = {k: v for k, v in kw.items() if k not in AP_OPTIONS}
     return DoPr(model, base="muon" if name.endswith("muon") else "adamw", precondition=name.startswith("dopr"), **kw)

@@ -85,8 +85,8 @@ class DoPr(torch.optim.Optimizer):
         stat_decay: the EMA's decay per recorded step.
         stats_every: with stats="ema", record inputs every this many steps (other steps cost nothing).
         precond_every: refresh the factorization every this many steps (step 0 always). The default 20
-            halves the refresh's share of the step (DoPr-AdamW 1.34x -> 1.26x AdamW's step on the CPU
-            MLP benchmark) at no measured cost: held-out loss 0.0391 vs 0.0390 at 10 (sweep_defaults),
+            halves the refresh's share of the step (DoPr-AdamW 1.34x -> 1.26x the unfused AdamW's step on
+            the CPU MLP benchmark) at no measured cost: held-out loss 0.0391 vs 0.0390 at 10 (sweep_defaults),
             lift closed-loop success 0.935 vs 0.950 (2 seeds x 100 episodes, within noise;
             docs/results/dopr-study).
         damping_floor: absolute damping added to gamma tr(Sigma), so a layer with all-zero inputs stays finite.
