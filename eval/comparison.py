@@ -14,15 +14,15 @@ from dataclasses import dataclass, field
 
 from dopr.eval.metrics import Z_95, wilson_interval
 
-# z_{0.975} + z_{0.8}: a difference of this many standard errors is found 80% of the time at the 5% level
-Z_POWER_80 = Z_95 + 0.8416
+# z_{0.8}: with z_{0.975}, a difference of z_{0.975} + z_{0.8} standard errors is found 80% of the time at the 5% level
+Z_80 = 0.8416
 
 
 @dataclass
 class SeedResult:
     """One training seed's final checkpoint."""
 
-    seed: int
+    seed: int | str  # a training seed; "task/seed" when units of several tasks are pooled
     success: dict[int, bool]  # episode seed -> success
     val_loss: float | None
     step: int
@@ -36,8 +36,10 @@ class SeedResult:
 class Cell:
     task: str
     policy: str
-    optim: str
+    optim: str  # the configuration's name (its label, else the optimizer)
     seeds: list[SeedResult] = field(default_factory=list)
+    optimizer: str = ""  # dopr.optim.build's name, e.g. "dopr-adamw"
+    lr: float | None = None
 
     def rates(self) -> list[float]:
         return [s.success_rate for s in self.seeds]
@@ -61,15 +63,25 @@ def mean_sd(xs: list[float]) -> tuple[float, float]:
     return m, sd
 
 
-# two-sided 97.5% quantiles of Student's t for small degrees of freedom (df >= 30: normal)
+# 97.5% and 80% quantiles of Student's t (beyond df 120: the normal's, within 1%)
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-         10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060}
+         10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+_T80 = {1: 1.376, 2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 7: 0.896, 8: 0.889, 9: 0.883,
+        10: 0.879, 12: 0.873, 15: 0.866, 20: 0.860, 25: 0.856, 30: 0.854, 40: 0.851, 60: 0.848, 120: 0.845}
+
+
+def _t_quantile(table: dict[int, float], normal: float, df: int) -> float:
+    if df > max(table):
+        return normal
+    return table.get(df) or table[max(k for k in table if k <= df)]  # the next lower df's: conservative
 
 
 def t975(df: int) -> float:
-    if df >= 30:
-        return Z_95
-    return _T975.get(df) or _T975[max(k for k in _T975 if k <= df)]
+    return _t_quantile(_T975, Z_95, df)
+
+
+def t80(df: int) -> float:
+    return _t_quantile(_T80, Z_80, df)
 
 
 @dataclass
@@ -86,7 +98,9 @@ class PairedComparison:
     # episodes (over all seeds) that only one optimizer solved: the discordant pairs of McNemar's test
     only_treatment: int
     only_baseline: int
-    mde: float  # smallest difference this design detects with 80% power at the 5% level
+    # smallest difference this design detects with 80% power at the 5% level: (t_0.975 + t_0.8) standard
+    # errors of the mean paired difference, with Student's t for the few seeds a design has
+    mde: float
 
     def verdict(self) -> str:
         if math.isnan(self.ci_low):
@@ -117,38 +131,93 @@ def paired_comparison(treatment: Cell, baseline: Cell) -> PairedComparison | Non
     m, sd = mean_sd(diffs)
     n = len(diffs)
     if n > 1:
-        half = t975(n - 1) * sd / math.sqrt(n)
-        lo, hi = m - half, m + half
         se = sd / math.sqrt(n)
+        lo, hi = m - t975(n - 1) * se, m + t975(n - 1) * se
+        mde = (t975(n - 1) + t80(n - 1)) * se
     else:
         lo = hi = float("nan")
         # one seed: only the episode noise is known; the discordant pairs give its standard error
         se = math.sqrt(max(only_t + only_b, 1)) / max(n_eps[0], 1)
-    return PairedComparison(treatment.optim, baseline.optim, n, min(n_eps), m, lo, hi, only_t, only_b,
-                            mde=Z_POWER_80 * se)
+        mde = (Z_95 + Z_80) * se
+    return PairedComparison(treatment.optim, baseline.optim, n, min(n_eps), m, lo, hi, only_t, only_b, mde)
 
 
-def comparison_table(cells: list[Cell], pairs: list[tuple[str, str]]) -> str:
-    """Markdown: one row per cell, then one row per paired comparison."""
+def cells_from_runs(run_dirs: list[str]) -> list[Cell]:
+    """One cell per (task, policy, configuration) from the runs' evaluated final checkpoints, in run order."""
+    import json
+    from pathlib import Path
+
+    from dopr.eval.report import configuration_name
+    from dopr.eval.results import RESULTS_FILE, read_episodes
+    from dopr.policies import load_checkpoint_meta
+
+    cells: dict[tuple, Cell] = {}
+    for run in map(Path, run_dirs):
+        final = run / "ckpt-final"
+        if not (final / "eval" / RESULTS_FILE).exists() or not (run / "config.json").exists():
+            continue  # not a finished `dopr train` run
+        cfg = json.loads((run / "config.json").read_text())
+        meta = load_checkpoint_meta(final)
+        key = (meta.get("task"), cfg.get("policy"), configuration_name(cfg))
+        cell = cells.setdefault(key, Cell(*key, optimizer=cfg.get("optim", ""), lr=cfg.get("lr")))
+        episodes = read_episodes(str(final / "eval"))
+        cell.seeds.append(SeedResult(seed=cfg.get("seed"), success={int(e["seed"]): bool(e["success"]) for e in episodes},
+                                     val_loss=meta.get("val_loss"), step=int(meta["step"])))
+    return list(cells.values())
+
+
+def dopr_pairs(cells: list[Cell]) -> list[tuple[Cell, Cell]]:
+    """Each DoPr cell with its base optimizer's cell of the same task and policy: the one trained at
+    the same lr (DoPr keeps its base's tuned lr), else the first one."""
+    pairs = []
+    for t in cells:
+        if not t.optimizer.startswith("dopr-"):
+            continue
+        bases = [b for b in cells if (b.task, b.policy, b.optimizer) == (t.task, t.policy, t.optimizer.removeprefix("dopr-"))]
+        if bases:
+            pairs.append((t, next((b for b in bases if b.lr == t.lr), bases[0])))
+    return pairs
+
+
+def _pooled_over_tasks(pairs: list[tuple[Cell, Cell]]) -> list[tuple[str, str, Cell, Cell]]:
+    """Where the same two configurations were compared on several tasks: one pair of cells whose
+    units are (task, training seed), for an overall answer across tasks."""
+    groups: dict[tuple, list] = {}
+    for t, b in pairs:
+        groups.setdefault((t.policy, t.optim, b.optim), []).append((t, b))
+    out = []
+    for (policy, t_name, b_name), members in groups.items():
+        tasks = sorted({t.task for t, _ in members})
+        if len(tasks) < 2:
+            continue
+        unit = lambda c: [SeedResult(f"{c.task}/{s.seed}", s.success, s.val_loss, s.step) for s in c.seeds]  # noqa: E731
+        pooled_t = Cell("+".join(tasks), policy, t_name, [s for t, _ in members for s in unit(t)])
+        pooled_b = Cell("+".join(tasks), policy, b_name, [s for _, b in members for s in unit(b)])
+        out.append(("+".join(tasks), policy, pooled_t, pooled_b))
+    return out
+
+
+def comparison_table(cells: list[Cell]) -> str:
+    """Markdown: one row per cell, then one row per paired comparison of a DoPr configuration with its
+    base optimizer (and, where the same two were compared on several tasks, one row over all of them)."""
     lines = ["| task | policy | optimizer | seeds | episodes/seed | success mean (sd) | pooled 95% CI | val loss mean (sd) |",
              "|---|---|---|---|---|---|---|---|"]
-    for c in cells:
+    for c in sorted(cells, key=lambda c: (c.task, c.policy, c.optim)):
         rm, rs = mean_sd(c.rates())
         vm, vs = mean_sd(c.val_losses())
         k, n, lo, hi = c.pooled_interval()
         eps = n // max(1, len(c.seeds))
         lines.append(f"| {c.task} | {c.policy} | {c.optim} | {len(c.seeds)} | {eps} | {rm:.3f} ({rs:.3f}) | "
                      f"{lo:.3f}-{hi:.3f} | {vm:.4g} ({vs:.2g}) |")
-    index = {(c.task, c.policy, c.optim): c for c in cells}
+    pairs = dopr_pairs(cells)
+    compared = sorted(((t.task, t.policy, t, b) for t, b in pairs), key=lambda x: (x[0], x[1], x[2].optim))
     rows = []
-    for task, policy in sorted({(c.task, c.policy) for c in cells}):
-        for t, b in pairs:
-            if (task, policy, t) in index and (task, policy, b) in index:
-                p = paired_comparison(index[(task, policy, t)], index[(task, policy, b)])
-                if p is not None:
-                    rows.append(f"| {task} | {policy} | {t} - {b} | {p.n_seeds} | {p.diff:+.3f} | "
-                                f"{p.ci_low:+.3f} to {p.ci_high:+.3f} | {p.only_treatment} / {p.only_baseline} | "
-                                f"{p.mde:.3f} | {p.verdict()} |")
+    for task, policy, t, b in compared + _pooled_over_tasks(pairs):
+        p = paired_comparison(t, b)
+        if p is not None:
+            rows.append(f"| {task} | {policy} | {t.optim} - {b.optim} | {p.n_seeds} | {p.diff:+.3f} | "
+                        f"{p.ci_low:+.3f} to {p.ci_high:+.3f} | {p.only_treatment} / {p.only_baseline} | "
+                        f"{p.mde:.3f} | {p.verdict()} |")
     if rows:
         lines += ["", "| task | policy | paired difference | seeds | mean diff | 95% CI (t over seeds) | "
                   "episodes only treatment / only baseline solved | detectable difference (80% power) | verdict |",

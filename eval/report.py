@@ -251,7 +251,13 @@ def build_report(run_dirs: list[str], out_dir: str = "out/report") -> str:
         figures.append(_save(fig, out_dir, "compounding_error.png"))
     plt.close("all")
 
+    from dopr.eval.comparison import cells_from_runs, comparison_table
+
     md = _markdown(rows, evaluated, correlations, optimizers, curves, figures)
+    cells = cells_from_runs(run_dirs)
+    if cells:
+        md += ("\n## Final checkpoints per cell, and DoPr against its base optimizer (paired by training seed and "
+               "episode seed)\n\n" + comparison_table(cells) + "\n")
     path = os.path.join(out_dir, "report.md")
     write_text_atomic(path, md)
     write_json_atomic(os.path.join(out_dir, "report.json"),

@@ -3,7 +3,7 @@
 Each entry of --optims is an arm of the comparison: an optimizer, optionally with its own settings
 after colons, e.g. `adamw:lr=1e-3,dopr-adamw:lr=1e-3,dopr-adamw:lr=1e-3:damping=0.3:stats=ema`
 (lr, damping, stats, precond_every; an arm's settings override the flags of the same name). DoPr arms
-are compared, paired, with the first arm of their base optimizer.
+are compared, paired, with the arm of their base optimizer at the same lr (else its first arm).
 
 Everything it makes lives under one folder (default out/experiment):
 
@@ -175,6 +175,7 @@ def run_experiment(cfg: ExperimentConfig) -> str:
     from dopr.envs import list_tasks
     from dopr.envs.collect import CollectConfig, collect
     from dopr.eval import evaluate_checkpoint, measure_compounding_error
+    from dopr.eval.comparison import cells_from_runs, comparison_table
     from dopr.eval.report import build_report
     from dopr.eval.results import COMPOUNDING_FILE, RESULTS_FILE
     from dopr.scripts.train import POLICIES, TrainConfig, train
@@ -232,40 +233,11 @@ def run_experiment(cfg: ExperimentConfig) -> str:
                                                   workers=cfg.workers, horizon=cfg.horizon, progress=bars)
 
     report_md = build_report(run_dirs, str(out / "report"))
-    table = experiment_table(run_dirs, arms)
+    table = comparison_table(cells_from_runs(run_dirs))
     minutes = (time.time() - started) / 60
     (out / "table.md").write_text(table + f"\n\nWall time of this invocation: {minutes:.1f} min.\n")
     print(f"[experiment] report: {report_md}; table: {out / 'table.md'} ({minutes:.1f} min)", flush=True)
     return table
-
-
-def experiment_table(run_dirs: list[str], arms: list[Arm]) -> str:
-    """Cells from the runs' final checkpoints, and each DoPr arm against the first arm of its base optimizer, paired."""
-    from pathlib import Path
-
-    from dopr.eval.comparison import Cell, SeedResult, comparison_table
-    from dopr.eval.report import configuration_name
-    from dopr.eval.results import read_episodes
-    from dopr.policies import load_checkpoint_meta
-
-    cells: dict[tuple, Cell] = {}
-    for run in map(Path, run_dirs):
-        final = run / "ckpt-final"
-        if not (final / "eval").exists():
-            continue
-        cfg = json.loads((run / "config.json").read_text())
-        meta = load_checkpoint_meta(final)
-        episodes = read_episodes(str(final / "eval"))
-        key = (meta["task"], cfg["policy"], configuration_name(cfg))
-        cell = cells.setdefault(key, Cell(*key))
-        cell.seeds.append(SeedResult(seed=cfg["seed"], success={int(e["seed"]): bool(e["success"]) for e in episodes},
-                                     val_loss=meta.get("val_loss"), step=int(meta["step"])))
-    first_of = {}
-    for a in arms:
-        first_of.setdefault(a.optim, a.label)
-    pairs = [(a.label, first_of[a.optim.removeprefix("dopr-")]) for a in arms
-             if a.optim.startswith("dopr-") and a.optim.removeprefix("dopr-") in first_of]
-    return comparison_table(sorted(cells.values(), key=lambda c: (c.task, c.policy, c.optim)), pairs)
 
 
 def main(args) -> int:

@@ -71,6 +71,10 @@ def test_report_from_real_runs(runs, tmp_path):
     saved = json.load(open(tmp_path / "report.json"))
     assert len(saved["checkpoints"]) == 6 and len(saved["compounding_error"]) == 1
     assert saved["compounding_error"][0]["optimizer"] == "dopr-adamw"
+    # the final checkpoints as cells, and DoPr paired with AdamW (one seed: no interval over seeds)
+    assert "DoPr against its base optimizer" in md
+    (paired,) = [r for r in md.splitlines() if r.startswith(f"| {TASK} | mlp | dopr-adamw - adamw | 1 |")]
+    assert "too few seeds to tell" in paired
 
 
 def test_report_correlations_match_hand_computed(runs, tmp_path):
