@@ -98,6 +98,7 @@ class PairedComparison:
     # episodes (over all seeds) that only one optimizer solved: the discordant pairs of McNemar's test
     only_treatment: int
     only_baseline: int
+    diffs: list[float]  # per training seed
     # smallest difference this design detects with 80% power at the 5% level: (t_0.975 + t_0.8) standard
     # errors of the mean paired difference, with Student's t for the few seeds a design has
     mde: float
@@ -139,7 +140,7 @@ def paired_comparison(treatment: Cell, baseline: Cell) -> PairedComparison | Non
         # one seed: only the episode noise is known; the discordant pairs give its standard error
         se = math.sqrt(max(only_t + only_b, 1)) / max(n_eps[0], 1)
         mde = (Z_95 + Z_80) * se
-    return PairedComparison(treatment.optim, baseline.optim, n, min(n_eps), m, lo, hi, only_t, only_b, mde)
+    return PairedComparison(treatment.optim, baseline.optim, n, min(n_eps), m, lo, hi, only_t, only_b, diffs, mde)
 
 
 def cells_from_runs(run_dirs: list[str]) -> list[Cell]:
@@ -197,6 +198,18 @@ def _pooled_over_tasks(pairs: list[tuple[Cell, Cell]]) -> list[tuple[str, str, C
     return out
 
 
+def comparisons(cells: list[Cell]) -> list[tuple[str, str, PairedComparison]]:
+    """(task, policy, comparison) for every DoPr cell against its base, then the rows pooled over tasks."""
+    pairs = dopr_pairs(cells)
+    compared = sorted(((t.task, t.policy, t, b) for t, b in pairs), key=lambda x: (x[0], x[1], x[2].optim))
+    out = []
+    for task, policy, t, b in compared + _pooled_over_tasks(pairs):
+        p = paired_comparison(t, b)
+        if p is not None:
+            out.append((task, policy, p))
+    return out
+
+
 def comparison_table(cells: list[Cell]) -> str:
     """Markdown: one row per cell, then one row per paired comparison of a DoPr configuration with its
     base optimizer (and, where the same two were compared on several tasks, one row over all of them)."""
@@ -209,15 +222,9 @@ def comparison_table(cells: list[Cell]) -> str:
         eps = n // max(1, len(c.seeds))
         lines.append(f"| {c.task} | {c.policy} | {c.optim} | {len(c.seeds)} | {eps} | {rm:.3f} ({rs:.3f}) | "
                      f"{lo:.3f}-{hi:.3f} | {vm:.4g} ({vs:.2g}) |")
-    pairs = dopr_pairs(cells)
-    compared = sorted(((t.task, t.policy, t, b) for t, b in pairs), key=lambda x: (x[0], x[1], x[2].optim))
-    rows = []
-    for task, policy, t, b in compared + _pooled_over_tasks(pairs):
-        p = paired_comparison(t, b)
-        if p is not None:
-            rows.append(f"| {task} | {policy} | {t.optim} - {b.optim} | {p.n_seeds} | {p.diff:+.3f} | "
-                        f"{p.ci_low:+.3f} to {p.ci_high:+.3f} | {p.only_treatment} / {p.only_baseline} | "
-                        f"{p.mde:.3f} | {p.verdict()} |")
+    rows = [f"| {task} | {policy} | {p.treatment} - {p.baseline} | {p.n_seeds} | {p.diff:+.3f} | "
+            f"{p.ci_low:+.3f} to {p.ci_high:+.3f} | {p.only_treatment} / {p.only_baseline} | "
+            f"{p.mde:.3f} | {p.verdict()} |" for task, policy, p in comparisons(cells)]
     if rows:
         lines += ["", "| task | policy | paired difference | seeds | mean diff | 95% CI (t over seeds) | "
                   "episodes only treatment / only baseline solved | detectable difference (80% power) | verdict |",

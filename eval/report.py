@@ -249,12 +249,29 @@ def build_report(run_dirs: list[str], out_dir: str = "out/report") -> str:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         figures.append(_save(fig, out_dir, "compounding_error.png"))
+
+    # 4. DoPr against its base optimizer: each training seed's paired difference, and the mean's 95% interval
+    from dopr.eval.comparison import cells_from_runs, comparison_table, comparisons
+
+    cells = cells_from_runs(run_dirs)
+    compared = comparisons(cells)
+    if compared:
+        fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(compared)))
+        for i, (task, policy, p) in enumerate(compared):
+            y = len(compared) - 1 - i
+            ax.scatter(p.diffs, [y + 0.18] * len(p.diffs), s=12, color="0.55", alpha=0.7, zorder=2)
+            ax.errorbar([p.diff], [y], xerr=[[p.diff - p.ci_low], [p.ci_high - p.diff]] if p.n_seeds > 1 else None,
+                        fmt="o", color="C3" if p.ci_low > 0 or p.ci_high < 0 else "k", capsize=3, zorder=3)
+        ax.set_yticks(range(len(compared)))
+        ax.set_yticklabels([f"{task} {policy}, {p.n_seeds} seeds\n{p.treatment} - {p.baseline}"
+                            for task, policy, p in reversed(compared)], fontsize=7)
+        ax.axvline(0, color="0.3", lw=0.8)
+        ax.set_xlabel("paired success-rate difference (dots: seeds; bar: mean, 95% CI)")
+        ax.grid(axis="x", alpha=0.3)
+        figures.append(_save(fig, out_dir, "paired_differences.png"))
     plt.close("all")
 
-    from dopr.eval.comparison import cells_from_runs, comparison_table
-
     md = _markdown(rows, evaluated, correlations, optimizers, curves, figures)
-    cells = cells_from_runs(run_dirs)
     if cells:
         md += ("\n## Final checkpoints per cell, and DoPr against its base optimizer (paired by training seed and "
                "episode seed)\n\n" + comparison_table(cells) + "\n")
@@ -332,6 +349,8 @@ def _markdown(rows, evaluated, correlations, optimizers, curves, figures) -> str
         "success_vs_val_loss.png": "Success vs validation loss, one point per evaluated checkpoint, coloured by optimizer.",
         "training_curves.png": "Validation loss (left) and closed-loop success (right) against training step, one line per run.",
         "compounding_error.png": "Action error against rollout step from demonstration start states (expert labels).",
+        "paired_differences.png": "DoPr minus its base optimizer in success rate, paired by training seed and episode "
+                                  "seed: grey dots are seeds, the bar the mean with its 95% t-interval (red: excludes 0).",
     }
     for name in figures:
         lines += [f"![{name}]({name})", "", captions[name], ""]

@@ -64,7 +64,7 @@ def test_report_from_real_runs(runs, tmp_path):
             assert cells[8] == str(res["n_episodes"]) and cells[9] == "random" and cells[10] == "20"
         (unevaluated,) = [c for c in table if c[0] == os.path.basename(run) and c[4] == "40"]
         assert unevaluated[6:9] == ["-", "-", "-"] and unevaluated[5] != "-"
-    for name in ("success_vs_val_loss.png", "training_curves.png", "compounding_error.png"):
+    for name in ("success_vs_val_loss.png", "training_curves.png", "compounding_error.png", "paired_differences.png"):
         assert f"![{name}]({name})" in md and os.path.getsize(tmp_path / name) > 5000
     assert _has_colour(str(tmp_path / "training_curves.png"), TAB10_BLUE)
     assert _has_colour(str(tmp_path / "training_curves.png"), TAB10_ORANGE)
