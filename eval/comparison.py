@@ -186,15 +186,18 @@ def _pooled_over_tasks(pairs: list[tuple[Cell, Cell]]) -> list[tuple[str, str, C
     groups: dict[tuple, list] = {}
     for t, b in pairs:
         groups.setdefault((t.policy, t.optim, b.optim), []).append((t, b))
+
+    def units(c: Cell) -> list[SeedResult]:
+        return [SeedResult(f"{c.task}/{s.seed}", s.success, s.val_loss, s.step) for s in c.seeds]
+
     out = []
     for (policy, t_name, b_name), members in groups.items():
         tasks = sorted({t.task for t, _ in members})
         if len(tasks) < 2:
             continue
-        unit = lambda c: [SeedResult(f"{c.task}/{s.seed}", s.success, s.val_loss, s.step) for s in c.seeds]  # noqa: E731
-        pooled_t = Cell("+".join(tasks), policy, t_name, [s for t, _ in members for s in unit(t)])
-        pooled_b = Cell("+".join(tasks), policy, b_name, [s for _, b in members for s in unit(b)])
-        out.append(("+".join(tasks), policy, pooled_t, pooled_b))
+        name = "+".join(tasks)
+        out.append((name, policy, Cell(name, policy, t_name, [s for t, _ in members for s in units(t)]),
+                    Cell(name, policy, b_name, [s for _, b in members for s in units(b)])))
     return out
 
 

@@ -151,8 +151,11 @@ def _fmt(x, spec=".4g"):
     return "-" if x is None else format(x, spec)
 
 
-def build_report(run_dirs: list[str], out_dir: str = "out/report") -> str:
-    """Write report.md, report.json and the PNG figures into out_dir; return report.md's path."""
+def build_report(run_dirs: list[str], out_dir: str = "out/report", cells=None) -> str:
+    """Write report.md, report.json and the PNG figures into out_dir; return report.md's path.
+
+    `cells`: the runs' final checkpoints as dopr.eval.comparison cells, when the caller has read them
+    already (`dopr experiment` prints the same table); else they are read here."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -253,7 +256,7 @@ def build_report(run_dirs: list[str], out_dir: str = "out/report") -> str:
     # 4. DoPr against its base optimizer: each training seed's paired difference, and the mean's 95% interval
     from dopr.eval.comparison import cells_from_runs, comparison_table, comparisons
 
-    cells = cells_from_runs(run_dirs)
+    cells = cells_from_runs(run_dirs) if cells is None else cells
     compared = comparisons(cells)
     if compared:
         fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(compared)))

@@ -18,6 +18,11 @@ NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")
 
 
+def fused_adamw_supported(params) -> bool:
+    """Whether torch's fused AdamW kernel takes these parameters (floating point, on a device it has)."""
+    return all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+
+
 def adamw_update(params, grads, states, lr, betas, eps, weight_decay, fused: bool | None = None) -> None:
     """AdamW: m <- b1 m + (1-b1) g, v <- b2 v + (1-b2) g^2, theta <- (1 - lr wd) theta - lr m_hat / (sqrt(v_hat) + eps).
 
@@ -36,7 +41,7 @@ def adamw_update(params, grads, states, lr, betas, eps, weight_decay, fused: boo
         elif s["step"].device != p.device:  # a checkpoint's CPU step counter (the fused kernel reads it on the device)
             s["step"] = s["step"].to(device=p.device, dtype=torch.float32)
     if fused is None:
-        fused = all(p.device.type in FUSED_DEVICES for p in params)
+        fused = fused_adamw_supported(params)
     by_kind: dict[tuple, list[int]] = {}  # the kernel takes tensors of one device and dtype
     for i, p in enumerate(params):
         by_kind.setdefault((p.device, p.dtype), []).append(i)

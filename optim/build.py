@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base_updates import FUSED_DEVICES
+from .base_updates import fused_adamw_supported
 from .dopr import DoPr
 
 OPTIMIZERS = ("dopr-adamw", "dopr-muon", "adamw", "muon")
@@ -39,8 +39,7 @@ def build(name: str = "dopr-adamw", model: nn.Module | None = None, **kw) -> tor
         params = [p for p in model.parameters() if p.requires_grad]
         # torch's fused kernel where it has one (3-4x faster than its default loop on a CPU): the same
         # kernel DoPr's AdamW part runs, so timing comparisons measure AP and nothing else
-        fused = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
-        return torch.optim.AdamW(params, fused=fused or None, **kw)
+        return torch.optim.AdamW(params, fused=fused_adamw_supported(params) or None, **kw)
     if name == "muon":
         kw = {k: v for k, v in kw.items() if k not in AP_OPTIONS}
     return DoPr(model, base="muon" if name.endswith("muon") else "adamw", precondition=name.startswith("dopr"), **kw)

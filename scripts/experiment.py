@@ -232,8 +232,9 @@ def run_experiment(cfg: ExperimentConfig) -> str:
                         measure_compounding_error(str(final), str(demos), episodes=min(cfg.compounding_episodes, cfg.demos),
                                                   workers=cfg.workers, horizon=cfg.horizon, progress=bars)
 
-    report_md = build_report(run_dirs, str(out / "report"))
-    table = comparison_table(cells_from_runs(run_dirs))
+    cells = cells_from_runs(run_dirs)
+    report_md = build_report(run_dirs, str(out / "report"), cells=cells)
+    table = comparison_table(cells)
     minutes = (time.time() - started) / 60
     (out / "table.md").write_text(table + f"\n\nWall time of this invocation: {minutes:.1f} min.\n")
     print(f"[experiment] report: {report_md}; table: {out / 'table.md'} ({minutes:.1f} min)", flush=True)
