@@ -14,6 +14,12 @@ one (documented on its TaskSpec in GYM_TASKS and implemented in `_SuccessCheck` 
   the pole stays within gymnasium's +-0.2 rad for the whole horizon, as above. Horizon 500 steps
   at 25 Hz (20 s).
 
+- humanoid, walker2d, hopper, ant (Humanoid-v5, Walker2d-v5, Hopper-v5, Ant-v5): locomotion with
+  gymnasium's observation and reward; the expert is an RL-trained actor (`dopr expert train`).
+  Return is the primary metric. Success is the named criterion "survived": the episode reaches the
+  horizon (1000 steps) without gymnasium terminating it (the robot falling or leaving its healthy
+  range), as for the pendulums.
+
 Pusher-v5 is not a task (yet): the scripted push tried for it (operational-space control of the
 fork, behind the object and then towards the goal) succeeded on 0 of 20 seeded episodes, far from
 the 95% every task's expert must reach. An IK check shows the wrist's joint limits do not let the
@@ -42,6 +48,11 @@ REACH_HOLD_STEPS = 10
 # gymnasium terminates these when the pole falls: InvertedDoublePendulum when the tip's height
 # y <= 1, InvertedPendulum when |pole angle| > 0.2 rad
 PENDULUM_TASKS = ("inverted_double_pendulum", "inverted_pendulum")
+# locomotion: gymnasium terminates when the robot leaves its healthy range; survival to the horizon
+# is success, return the primary metric. Their expert is an RL-trained actor (dopr.envs.expert_actor).
+LOCOMOTION_TASKS = {"humanoid": ("Humanoid-v5", 17, 66.67), "walker2d": ("Walker2d-v5", 6, 125.0),
+                    "hopper": ("Hopper-v5", 3, 125.0), "ant": ("Ant-v5", 8, 20.0)}
+SURVIVAL_TASKS = PENDULUM_TASKS + tuple(LOCOMOTION_TASKS)
 
 GYM_TASKS: dict[str, TaskSpec] = {
     "reacher": TaskSpec(
@@ -85,6 +96,13 @@ GYM_TASKS: dict[str, TaskSpec] = {
                "make_kwargs": {"reset_noise_scale": 0.1}},
     ),
 }
+GYM_TASKS.update({
+    name: TaskSpec(name=name, kind="gymnasium", env_id=env_id, horizon=1000, lowdim_keys=("observation",),
+                   image_keys=("image",), action_dim=action_dim, control_freq=freq, demo_steps=1000,
+                   extra={"success": "survived: reaches the horizon without the episode terminating",
+                          "expert": "rl", "metric": "return"})
+    for name, (env_id, action_dim, freq) in LOCOMOTION_TASKS.items()
+})
 
 
 class _SuccessCheck:
@@ -96,7 +114,7 @@ class _SuccessCheck:
         if task == "reacher":
             self._a = model.body("fingertip").id
             self._b = model.body("target").id
-        elif task not in PENDULUM_TASKS:
+        elif task not in SURVIVAL_TASKS:
             raise ValueError(f"no success check for gymnasium task {task!r}")
         self.reset()
 
@@ -104,8 +122,8 @@ class _SuccessCheck:
         self._held = 0
 
     def __call__(self, data: mujoco.MjData, t: int, terminated: bool) -> bool:
-        if self.task in PENDULUM_TASKS:
-            # gymnasium terminates when the pole falls (see PENDULUM_TASKS): up to the horizon is success
+        if self.task in SURVIVAL_TASKS:
+            # gymnasium terminates when the pole or robot falls: reaching the horizon is success
             return (not terminated) and t >= self.horizon
         dist = np.linalg.norm(data.xpos[self._a, :2] - data.xpos[self._b, :2])
         self._held = self._held + 1 if dist < REACH_TOLERANCE else 0

@@ -13,6 +13,7 @@ import sys
 
 # subcommand -> module; listed in pipeline order, which is the order `dopr --help` shows them.
 SUBCOMMANDS = [
+    "expert",
     "collect",
     "data",
     "train",
