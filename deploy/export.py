@@ -61,7 +61,7 @@ def deploy_meta(policy, ckpt_meta: dict | None = None) -> dict:
         "horizon": cfg.horizon,
         "n_action_steps": cfg.n_action_steps,
         "control_freq": float(control_freq) if control_freq is not None else None,
-        "num_inference_steps": cfg.num_inference_steps if cfg.kind != "mlp" else None,
+        "num_inference_steps": cfg.num_inference_steps if not cfg.is_mlp else None,
         "sampler": cfg.sampler if cfg.kind == "diffusion" else None,
         "step": ckpt_meta.get("step"),
     }
@@ -140,7 +140,7 @@ class ExportablePolicy(nn.Module):
     def __init__(self, policy, num_inference_steps: int | None = None):
         super().__init__()
         cfg = copy.deepcopy(policy.config)
-        if num_inference_steps is not None and cfg.kind != "mlp":
+        if num_inference_steps is not None and not cfg.is_mlp:
             cfg.num_inference_steps = int(num_inference_steps)
         self.policy = policy
         self.config = cfg
@@ -161,7 +161,7 @@ class ExportablePolicy(nn.Module):
     @property
     def noise_shape(self) -> list[int] | None:
         """Per-sample shape of the ``noise`` input, or None for a deterministic policy."""
-        if self.kind == "mlp":
+        if self.config.is_mlp:
             return None
         draws = 1 + sum(s.draws_noise for s in self.steps)
         return [draws, self.config.horizon, self.config.action_dim]
@@ -198,7 +198,7 @@ class ExportablePolicy(nn.Module):
         obs = dict(zip(self.obs_keys, inputs))
         start = self.config.n_obs_steps - 1
         end = start + self.config.n_action_steps
-        if self.kind == "mlp":
+        if self.config.is_mlp:
             return self.policy.sample_chunk(obs)[:, start:end]
         noise = inputs[len(self.obs_keys)]
         cond = self.policy.encode_obs(obs)
@@ -234,7 +234,7 @@ def export_policy(policy, out: str | Path, fmt: str, meta: dict, num_inference_s
     out.parent.mkdir(parents=True, exist_ok=True)
     module = ExportablePolicy(policy.cpu().eval(), num_inference_steps).eval()
     meta = {**meta, "noise_shape": module.noise_shape, "format": fmt}
-    if module.kind != "mlp":
+    if not module.config.is_mlp:
         meta["num_inference_steps"] = module.config.num_inference_steps
     example = module.example_inputs()
     names = module.obs_keys + ([NOISE_INPUT] if module.noise_shape is not None else [])

@@ -24,7 +24,7 @@ class CheckpointModel:
 
         self._torch = torch
         self.policy = load_policy(ckpt_dir, ema=ema, device="cpu")
-        if num_inference_steps is not None and self.policy.config.kind != "mlp":
+        if num_inference_steps is not None and not self.policy.config.is_mlp:
             self.policy.config.num_inference_steps = int(num_inference_steps)
         self.meta = deploy_meta(self.policy, load_checkpoint_meta(ckpt_dir))
         self.generator = torch.Generator().manual_seed(seed)

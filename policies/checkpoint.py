@@ -32,7 +32,7 @@ class CheckpointError(RuntimeError):
 
 
 def build_policy(config: PolicyConfig, stats: dict | None = None) -> Policy:
-    if config.kind == "mlp":
+    if config.is_mlp:
         return MLPPolicy(config, stats)
     return UnetPolicy(config, stats)
 

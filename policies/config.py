@@ -6,12 +6,14 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-POLICY_KINDS = ("mlp", "diffusion", "flow")
+POLICY_KINDS = ("mlp", "resmlp", "diffusion", "flow")
+# one forward pass maps observations to the action chunk (no sampling loop)
+MLP_KINDS = ("mlp", "resmlp")
 
 
 @dataclass
 class PolicyConfig:
-    kind: str  # "mlp", "diffusion" or "flow" (the last two share the UNet)
+    kind: str  # "mlp", "resmlp" (residual MLP), "diffusion" or "flow" (the last two share the UNet)
     obs_shapes: dict[str, list[int]]  # per-step shape of every observation key; (H, W, 3) marks an image
     action_dim: int
     n_obs_steps: int = 2  # To: observation history
@@ -22,9 +24,10 @@ class PolicyConfig:
     image_feature_dim: int = 64
     image_channels: list[int] = field(default_factory=lambda: [32, 64, 128])
     crop_ratio: float = 0.9  # random crop of this fraction of H and W in training, center crop at inference
-    # MLP policy
+    # MLP policy (kind "mlp": mlp_layers hidden layers; kind "resmlp": mlp_layers residual blocks)
     mlp_hidden_dim: int = 256
     mlp_layers: int = 3
+    mlp_layer_norm: bool = True  # resmlp: LayerNorm inside every residual block and before the head
     # UNet policy (diffusion_policy's low-dim recipe)
     down_dims: list[int] = field(default_factory=lambda: [256, 512, 1024])
     kernel_size: int = 5
@@ -52,6 +55,11 @@ class PolicyConfig:
         self.obs_shapes = {k: [int(d) for d in v] for k, v in self.obs_shapes.items()}
         self.image_channels = [int(c) for c in self.image_channels]
         self.down_dims = [int(d) for d in self.down_dims]
+
+    @property
+    def is_mlp(self) -> bool:
+        """An MLP kind: the action chunk is one forward pass (deterministic, no inference steps)."""
+        return self.kind in MLP_KINDS
 
     @property
     def image_keys(self) -> list[str]:

@@ -1,4 +1,8 @@
-"""MLP behavior cloning: observation history (To steps) -> action chunk (Tp steps), MSE in normalized units."""
+"""MLP behavior cloning: observation history (To steps) -> action chunk (Tp steps), MSE in normalized units.
+
+kind "mlp" is a plain MLP (mlp_layers hidden layers); kind "resmlp" the residual MLP of
+dopr.policies.residual_mlp (mlp_layers pre-activation blocks). Loss and sampling are the same.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +12,22 @@ from torch import nn
 
 from dopr.policies.config import PolicyConfig
 from dopr.policies.policy import Policy
+from dopr.policies.residual_mlp import ResidualMLP
 
 
 class MLPPolicy(Policy):
     def __init__(self, config: PolicyConfig, stats: dict | None = None):
         super().__init__(config, stats)
+        out_dim = config.horizon * config.action_dim
+        if config.kind == "resmlp":
+            self.net = ResidualMLP(self.obs_encoder.output_dim, out_dim, config.mlp_hidden_dim, config.mlp_layers,
+                                   layer_norm=config.mlp_layer_norm)
+            return
         layers, width = [], self.obs_encoder.output_dim
         for _ in range(config.mlp_layers):
             layers += [nn.Linear(width, config.mlp_hidden_dim), nn.Mish()]
             width = config.mlp_hidden_dim
-        layers.append(nn.Linear(width, config.horizon * config.action_dim))
+        layers.append(nn.Linear(width, out_dim))
         self.net = nn.Sequential(*layers)
 
     def _predict_normalized(self, obs: dict) -> torch.Tensor:

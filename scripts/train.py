@@ -29,7 +29,7 @@ import numpy as np
 
 from dopr.data.atomic import read_jsonl, write_json_atomic, write_text_atomic
 
-POLICIES = ("mlp", "diffusion", "flow")
+POLICIES = ("mlp", "resmlp", "diffusion", "flow")
 OPTIMIZERS = ("dopr-adamw", "dopr-muon", "adamw", "muon")
 VAL_BATCH_SIZE = 256  # fixed, so the fixed validation noise does not depend on the training batch size
 # Fields that may differ between a run and its resumption (they do not change the weights).
@@ -159,7 +159,7 @@ def resolve_defaults(cfg: TrainConfig, store) -> TrainConfig:
         raise ValueError(f"--steps and --batch-size must be >= 1, got {cfg.steps}, {cfg.batch_size}")
     c = dataclasses.replace(cfg)
     c.out = c.out or f"out/runs/{c.policy}-{c.optim}-seed{c.seed}"
-    c.lr = c.lr if c.lr is not None else (3e-4 if c.policy == "mlp" else 1e-4)
+    c.lr = c.lr if c.lr is not None else (3e-4 if c.policy in ("mlp", "resmlp") else 1e-4)
     c.label = c.label or c.optim
     c.warmup_steps = c.warmup_steps if c.warmup_steps is not None else min(500, c.steps // 10)
     c.num_inference_steps = c.num_inference_steps or (100 if c.policy == "diffusion" else 10)

@@ -27,7 +27,7 @@ def make_config(kind, images=False, **kw):
         obs_shapes["cam"] = [20, 20, 3]
     base = dict(kind=kind, obs_shapes=obs_shapes, action_dim=4, n_obs_steps=2, horizon=8, n_action_steps=4,
                 image_feature_dim=8, image_channels=[8, 8], mlp_hidden_dim=64, mlp_layers=2, num_inference_steps=10)
-    if kind != "mlp":
+    if kind not in ("mlp", "resmlp"):
         base.update(SMALL_UNET)
     base.update(kw)
     return PolicyConfig(**base)
@@ -81,7 +81,7 @@ def test_normalizer_rejects_wrong_feature_count():
         Normalizer({"k": 3}, {"k": {"min": np.zeros(2), "max": np.ones(2), "mean": np.zeros(2), "std": np.ones(2)}})
 
 
-@pytest.mark.parametrize("kind", ["mlp", "diffusion", "flow"])
+@pytest.mark.parametrize("kind", ["mlp", "resmlp", "diffusion", "flow"])
 @pytest.mark.parametrize("images", [False, True])
 def test_shapes(kind, images):
     cfg = make_config(kind, images=images)
@@ -98,6 +98,16 @@ def test_shapes(kind, images):
         policy.compute_loss({"obs": batch["obs"], "action": batch["action"][:, :3]})
     with pytest.raises(KeyError, match="object"):
         policy.predict_action({k: v for k, v in batch["obs"].items() if k != "object"})
+
+
+@pytest.fixture
+def single_thread():
+    """One torch thread for the test: multi-threaded reductions sum in a load-dependent order, and over
+    hundreds of Adam steps that alone moved the diffusion fit across its bound (it failed 1 run in 3)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _fit(policy, batch, steps, lr):
@@ -120,15 +130,18 @@ def _fit(policy, batch, steps, lr):
 
 # The denoising/velocity loss of a generative policy keeps an irreducible part (the noise is drawn
 # afresh), so "drops a lot" is a halving there; the sampled chunks must still match the data.
+# Diffusion gets 1000 steps: at 600 its sampled chunk missed the data on 1 of 3 init seeds (err/var 1.44).
 @pytest.mark.parametrize(
     "kind,images,steps,loss_ratio",
-    [("mlp", True, 150, 0.2), ("diffusion", False, 600, 0.5), ("flow", False, 600, 0.5)],
+    [("mlp", True, 150, 0.2), ("resmlp", False, 150, 0.2), ("diffusion", False, 1000, 0.5), ("flow", False, 600, 0.5)],
 )
-def test_overfits_tiny_dataset(kind, images, steps, loss_ratio):
-    cfg = make_config(kind, images=images, **({} if kind == "mlp" else dict(down_dims=[32, 64], timestep_embed_dim=32)))
+def test_overfits_tiny_dataset(kind, images, steps, loss_ratio, single_thread):
+    torch.manual_seed(0)  # a fixed init, independent of the tests that ran before
+    deterministic = kind in ("mlp", "resmlp")
+    cfg = make_config(kind, images=images, **({} if deterministic else dict(down_dims=[32, 64], timestep_embed_dim=32)))
     batch = make_batch(cfg, b=4)
     policy = build_policy(cfg, stats_of(batch))
-    first, last = _fit(policy, batch, steps, 3e-3 if kind == "mlp" else 1e-3)
+    first, last = _fit(policy, batch, steps, 3e-3 if deterministic else 1e-3)
     assert last < loss_ratio * first, (first, last)
     # the fitted policy reproduces the demonstrated chunk it memorised (raw action units)
     with torch.no_grad():
@@ -249,3 +262,29 @@ def test_loading_executes_no_code(tmp_path):
     torch.save({"evil": print}, ckpt / "optimizer.pt")
     with pytest.raises(CheckpointError, match="optimizer.pt"):
         load_train_state(ckpt)
+
+
+@pytest.mark.parametrize("layer_norm", [True, False])
+def test_residual_mlp_is_pre_activation_residual(layer_norm):
+    """Each block adds fc2(mish(fc1(mish(norm(h))))) to h; the head reads norm(h) of the last block."""
+    from torch import nn
+
+    from dopr.policies.residual_mlp import ResidualMLP
+
+    torch.manual_seed(0)
+    net = ResidualMLP(5, 3, width=16, blocks=2, layer_norm=layer_norm).double()
+    x = torch.randn(7, 5, dtype=torch.float64)
+    act = nn.functional.mish
+    h = net.inp(x)
+    for block in net.blocks:
+        hn = nn.functional.layer_norm(h, (16,), block.norm.weight, block.norm.bias) if layer_norm else h
+        h = h + block.fc2(act(block.fc1(act(hn))))
+    hn = nn.functional.layer_norm(h, (16,), net.norm.weight, net.norm.bias) if layer_norm else h
+    torch.testing.assert_close(net(x), net.out(act(hn)), rtol=0, atol=1e-12)
+    # with the residual branches zeroed, the trunk is the identity between input layer and head
+    for block in net.blocks:
+        nn.init.zeros_(block.fc2.weight)
+        nn.init.zeros_(block.fc2.bias)
+    hn = nn.functional.layer_norm(net.inp(x), (16,), net.norm.weight, net.norm.bias) if layer_norm else net.inp(x)
+    torch.testing.assert_close(net(x), net.out(act(hn)), rtol=0, atol=1e-12)
+    assert sum(isinstance(m, nn.LayerNorm) for m in net.modules()) == (3 if layer_norm else 0)
