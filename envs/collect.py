@@ -50,6 +50,7 @@ class CollectConfig:
     image_size: int = 84
     progress: bool = True
     max_attempts: int | None = None  # give up after this many rollouts (None: 10 x n_episodes + 10)
+    expert: str | None = None  # RL-expert folder for the locomotion tasks (None: out/experts/<task>)
 
 
 @dataclass
@@ -71,8 +72,9 @@ class CollectSummary:
 _worker: dict = {}
 
 
-def _init_worker(task: str, obs: str, horizon: int | None, image_size: int, noise_std: float):
-    _worker.update(task=task, noise_std=noise_std, error=None)
+def _init_worker(task: str, obs: str, horizon: int | None, image_size: int, noise_std: float,
+                 expert: str | None = None):
+    _worker.update(task=task, noise_std=noise_std, expert=expert, error=None)
     try:
         from dopr.envs import tasks
 
@@ -119,7 +121,8 @@ def _run_episode(seed: int) -> dict:
 
     if _worker["error"] is not None:
         raise RuntimeError(f"worker could not build task {_worker['task']!r}: {_worker['error']}")
-    expert = tasks.make_expert(_worker["task"], seed=seed, noise_std=_worker["noise_std"])
+    expert = tasks.make_expert(_worker["task"], seed=seed, noise_std=_worker["noise_std"],
+                               expert_path=_worker["expert"])
     return rollout(_worker["env"], expert, seed)
 
 
@@ -139,6 +142,18 @@ def _versions() -> dict:
 
 def _obs_keys(cfg: CollectConfig, spec) -> list[str]:
     return list(spec.lowdim_keys) + (list(spec.image_keys) if cfg.obs == "image" else [])
+
+
+def _expert_provenance(cfg: CollectConfig, spec) -> dict | None:
+    """Where an RL expert came from (its folder, training steps and evaluation return), for the store's attrs."""
+    from dopr.envs.gym_experts import default_expert_path, load_rl_expert_actor
+
+    if spec.extra.get("expert") != "rl":
+        return None
+    path = cfg.expert or default_expert_path(cfg.task)
+    actor = load_rl_expert_actor(path)
+    keys = ("env_id", "trainer", "env_steps", "eval_return_mean", "eval_return_sd")
+    return {"path": str(path), **{k: actor.config.get(k) for k in keys}}
 
 
 def _store_attrs(cfg: CollectConfig, spec) -> dict:
@@ -163,6 +178,7 @@ def _store_attrs(cfg: CollectConfig, spec) -> dict:
             "noise_std": cfg.noise_std,
             "keep_failed": cfg.keep_failed,
             "action_is_clean_label": True,
+            "expert": _expert_provenance(cfg, spec),
             "next_seed": cfg.seed,
             "attempts": 0,
         },
@@ -276,6 +292,7 @@ def collect(cfg: CollectConfig) -> CollectSummary:
         from dopr.envs.rendering import require_offscreen_rendering
 
         require_offscreen_rendering()  # here, not as a failure in every worker
+    tasks.make_expert(cfg.task, noise_std=cfg.noise_std, expert_path=cfg.expert)  # a missing expert: here too
     t0 = time.perf_counter()
     store = _open_or_create(cfg, spec)
     next_seed = int(store.attrs["collect"]["next_seed"])
@@ -290,7 +307,7 @@ def collect(cfg: CollectConfig) -> CollectSummary:
     if cfg.noise_std > 0:
         expected_keys.add(EXECUTED_ACTION_KEY)
 
-    init_args = (cfg.task, cfg.obs, cfg.horizon, cfg.image_size, cfg.noise_std)
+    init_args = (cfg.task, cfg.obs, cfg.horizon, cfg.image_size, cfg.noise_std, cfg.expert)
     pool = _start_pool(cfg.workers, init_args) if cfg.workers > 0 else None
     bar = tqdm(total=cfg.n_episodes, initial=start_episodes, disable=not cfg.progress,
                desc=f"collect {cfg.task}", unit="ep")

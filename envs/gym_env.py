@@ -208,6 +208,10 @@ class GymTaskEnv(gymnasium.Env):
         self._success.reset()
         return self._obs(self._env._get_obs())
 
+    def observation_vector(self) -> np.ndarray:
+        """gymnasium's observation of the current state (what an RL-trained expert reads)."""
+        return self._env._get_obs()
+
     def _obs(self, vec: np.ndarray) -> dict[str, np.ndarray]:
         obs = {"observation": np.asarray(vec, dtype=np.float64)}
         if self.obs_mode == "image":

@@ -7,6 +7,8 @@ recover from off-nominal states while the stored label stays the expert's clean 
 
 - reacher: analytic inverse kinematics of the 2-link arm for the target, then computed-torque
   joint PD through MuJoCo's mass matrix, bias and passive forces.
+- humanoid, walker2d, hopper, ant: an RL-trained actor (`dopr expert train`), read from its
+  folder (actor.safetensors + expert.json, no pickle) by dopr.envs.expert_actor.
 - inverted_double_pendulum, inverted_pendulum: discrete-time LQR on the MuJoCo model linearized
   at the upright equilibrium (central differences over one control period, i.e. frame_skip
   simulator steps with the action held; mjd_transitionFD does not support their RK4 integrator).
@@ -152,8 +154,48 @@ class PendulumLQRExpert(GymExpert):
         return np.linalg.solve(R + B.T @ P @ B, B.T @ P @ A)
 
 
-def make_gym_expert(spec: TaskSpec, seed: int | None = None, noise_std: float = 0.0) -> GymExpert:
-    """The controller-based expert for a gymnasium task (see the module docstring)."""
+class RLExpert(GymExpert):
+    """An RL-trained actor (ExpertActor) labelling the task's own observation vector deterministically."""
+
+    def __init__(self, actor, env_id: str, seed: int | None = None, noise_std: float = 0.0):
+        super().__init__(seed=seed, noise_std=noise_std)
+        if actor.config["env_id"] != env_id:
+            raise ValueError(f"the expert was trained on {actor.config['env_id']}, this task is {env_id}")
+        self.actor = actor
+        self.low, self.high = actor.low, actor.high
+
+    def act(self, env) -> np.ndarray:
+        return self.actor.act_vector(env.unwrapped.observation_vector())
+
+
+def default_expert_path(task: str) -> str:
+    return f"out/experts/{task}"
+
+
+_ACTORS: dict = {}  # path -> ExpertActor: a worker loads the weights once, not once per episode
+
+
+def load_rl_expert_actor(path: str):
+    from dopr.envs.expert_actor import ExpertActor
+
+    if path not in _ACTORS:
+        _ACTORS[path] = ExpertActor.load(path)
+    return _ACTORS[path]
+
+
+def make_gym_expert(spec: TaskSpec, seed: int | None = None, noise_std: float = 0.0,
+                    expert_path: str | None = None) -> GymExpert:
+    """The expert for a gymnasium task (see the module docstring); `expert_path` for an RL-trained one."""
+    if spec.extra.get("expert") == "rl":
+        path = expert_path or default_expert_path(spec.name)
+        try:
+            actor = load_rl_expert_actor(path)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err}; task {spec.name!r} needs an RL expert: "
+                                    f"`dopr expert train --task {spec.name} --out {path}`") from None
+        return RLExpert(actor, spec.env_id, seed=seed, noise_std=noise_std)
+    if expert_path is not None:
+        raise ValueError(f"task {spec.name!r} has a scripted expert; --expert is for the RL-expert tasks")
     experts = {"reacher": ReacherExpert, "inverted_double_pendulum": PendulumLQRExpert,
                "inverted_pendulum": PendulumLQRExpert}
     if spec.name not in experts:

@@ -41,9 +41,15 @@ def make(name: str, seed: int | None = None, obs: str = "lowdim", horizon: int |
     return make_gym_env(spec, seed=seed, obs=obs, horizon=horizon, image_size=image_size, **kw)
 
 
-def make_expert(name: str, seed: int | None = None, noise_std: float = 0.0):
-    """The scripted/controller expert of task `name`: `reset()`, `act(env)`, `noisy(action)`."""
+def make_expert(name: str, seed: int | None = None, noise_std: float = 0.0, expert_path: str | None = None):
+    """The expert of task `name`: `reset()`, `act(env)`, `noisy(action)`.
+
+    Scripted or controller experts for most tasks; for the locomotion tasks an RL-trained actor read
+    from `expert_path` (default out/experts/<name>, written by `dopr expert train`).
+    """
     spec = task_spec(name)
     if spec.kind == "robosuite":
+        if expert_path is not None:
+            raise ValueError(f"task {name!r} has a scripted expert; --expert is for the RL-expert tasks")
         return make_robosuite_expert(spec, seed=seed, noise_std=noise_std)
-    return make_gym_expert(spec, seed=seed, noise_std=noise_std)
+    return make_gym_expert(spec, seed=seed, noise_std=noise_std, expert_path=expert_path)

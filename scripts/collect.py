@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
                    help="observation keys to store: low-dimensional only, or with camera images")
     p.add_argument("--horizon", type=int, default=None, help="episode length limit (default: the task's)")
     p.add_argument("--image-size", type=int, default=84, help="camera image height and width (obs=image)")
+    p.add_argument("--expert", default=None,
+                   help="RL-expert folder for humanoid/walker2d/hopper/ant (default out/experts/TASK, "
+                        "written by `dopr expert train`)")
     p.set_defaults(func=main)
 
 
@@ -40,11 +43,11 @@ def main(args) -> int:
     cfg = CollectConfig(
         task=args.task, n_episodes=args.episodes, out=args.out, workers=args.workers,
         seed=args.seed, noise_std=args.noise_std, keep_failed=args.keep_failed, obs=args.obs,
-        horizon=args.horizon, image_size=args.image_size,
+        horizon=args.horizon, image_size=args.image_size, expert=args.expert,
     )
     try:
         summary = collect(cfg)
-    except (KeyError, ValueError, RuntimeError, OSError) as err:  # bad task or store, failed workers
+    except (KeyError, ValueError, RuntimeError, OSError) as err:  # bad task, store or expert; failed workers
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"dopr collect: error: {message}", file=sys.stderr)
         return 2

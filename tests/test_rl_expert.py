@@ -1,0 +1,139 @@
+"""RL experts for the locomotion tasks: the actor file (no pickle), collection with it, and the
+resumable SAC trainer killed with SIGKILL in a real process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from dopr.data import EpisodeStore
+from dopr.envs import make, make_expert, task_spec
+from dopr.envs.collect import CollectConfig, collect
+from dopr.envs.expert_actor import ExpertActor
+
+
+def random_actor(task: str, hidden=(16, 16), seed=0) -> ExpertActor:
+    spec = task_spec(task)
+    env = make(task)
+    obs_dim = env.observation_space["observation"].shape[0]
+    low, high = env.action_space.low, env.action_space.high
+    env.close()
+    rng = np.random.default_rng(seed)
+    dims = [obs_dim, *hidden, spec.action_dim]
+    weights = [(0.3 * rng.standard_normal((o, i)), 0.1 * rng.standard_normal(o)) for i, o in zip(dims, dims[1:])]
+    config = dict(env_id=spec.env_id, obs_dim=obs_dim, action_dim=spec.action_dim, activation="relu",
+                  squash="tanh", action_low=low.tolist(), action_high=high.tolist())
+    return ExpertActor(weights, config)
+
+
+def test_actor_round_trip_matches_the_formula(tmp_path):
+    actor = random_actor("hopper")
+    actor.save(tmp_path / "e")
+    loaded = ExpertActor.load(tmp_path / "e")
+    obs = np.random.default_rng(1).standard_normal((5, actor.obs_dim))
+    # a = low + (tanh(W2 relu(W1 relu(W0 x + b0) + b1) + b2) + 1) / 2 * (high - low), weights stored as float32
+    h = obs
+    ws = [(w.astype(np.float32).astype(np.float64), b.astype(np.float32).astype(np.float64)) for w, b in actor.weights]
+    for w, b in ws[:-1]:
+        h = np.maximum(h @ w.T + b, 0)
+    expected = actor.low + (np.tanh(h @ ws[-1][0].T + ws[-1][1]) + 1) / 2 * (actor.high - actor.low)
+    np.testing.assert_allclose(loaded.act_vector(obs), expected, rtol=1e-12, atol=1e-12)
+    assert np.all(loaded.act_vector(obs) <= actor.high) and np.all(loaded.act_vector(obs) >= actor.low)
+
+
+def test_loading_executes_no_code(tmp_path):
+    """A pickle payload in place of the weights is refused, and its code never runs."""
+    import pickle
+
+    actor = random_actor("hopper")
+    actor.save(tmp_path / "e")
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (tmp_path / "e" / "actor.safetensors").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(Exception):
+        ExpertActor.load(tmp_path / "e")
+    assert not marker.exists()
+
+
+def test_load_errors_name_the_file_and_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match="expert.json"):
+        ExpertActor.load(tmp_path / "nothing")
+    actor = random_actor("hopper")
+    actor.save(tmp_path / "e")
+    cfg = json.loads((tmp_path / "e" / "expert.json").read_text())
+    del cfg["obs_dim"]
+    (tmp_path / "e" / "expert.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=r"expert.json: missing keys \['obs_dim'\]"):
+        ExpertActor.load(tmp_path / "e")
+
+
+def test_collect_with_an_rl_expert_stores_its_deterministic_labels(tmp_path):
+    actor = random_actor("hopper")
+    actor.save(tmp_path / "expert")
+    out = tmp_path / "hopper.zarr"
+    summary = collect(CollectConfig(task="hopper", n_episodes=2, out=str(out), workers=0, horizon=30,
+                                    keep_failed=True, noise_std=0.05, expert=str(tmp_path / "expert"),
+                                    progress=False))
+    assert summary.n_episodes == 2
+    store = EpisodeStore.open(out)
+    obs, action = store.array("observation")[:], store.array("action")[:]
+    np.testing.assert_allclose(action, actor.act_vector(obs).astype(np.float32), rtol=1e-5, atol=1e-6)
+    # the executed (noisy) action differs from the clean label, and replaying it is what happened
+    assert not np.allclose(store.array("executed_action")[:], action)
+    assert store.attrs["collect"]["expert"]["path"] == str(tmp_path / "expert")
+
+
+def test_missing_rl_expert_says_how_to_train_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="dopr expert train --task walker2d"):
+        make_expert("walker2d", expert_path=str(tmp_path / "none"))
+    with pytest.raises(ValueError, match="scripted expert"):
+        make_expert("reacher", expert_path=str(tmp_path / "none"))
+
+
+def _train_cmd(out):
+    return [sys.executable, "-m", "dopr.scripts.cli", "expert", "train", "--task", "hopper", "--steps", "600",
+            "--chunk-steps", "200", "--learning-starts", "100", "--buffer-size", "2000", "--eval-episodes", "1",
+            "--out", str(out)]
+
+
+def test_expert_training_resumes_after_sigkill_with_its_replay_buffer(tmp_path):
+    pytest.importorskip("stable_baselines3", reason='needs the rl extra: pip install -e ".[rl]"')
+    out = tmp_path / "hopper"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(_train_cmd(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (out / "metrics.jsonl").exists() or not (out / "metrics.jsonl").read_text().strip():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "first chunk did not finish"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first_rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(first_rows) == 1 and json.loads(first_rows[0])["env_steps"] == 200
+    buffer_at_kill = np.load(out / "trainer" / "replay_observations.npy")
+    assert len(buffer_at_kill) == 200
+
+    done = subprocess.run(_train_cmd(out), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["env_steps"] for r in rows] == [200, 400, 600]  # continued from 200, not from 0
+    final = np.load(out / "trainer" / "replay_observations.npy")
+    assert len(final) == 600
+    np.testing.assert_array_equal(final[:200], buffer_at_kill)  # the buffer came back, not refilled
+    state = json.loads((out / "trainer" / "state.json").read_text())
+    assert state["replay"] == {"pos": 600, "full": False}
+    # the exported expert loads without stable-baselines3's archive and acts in the action range
+    actor = ExpertActor.load(out)
+    assert actor.config["env_id"] == "Hopper-v5" and actor.config["env_steps"] in (200, 400, 600)
+    assert (out / "returns.png").stat().st_size > 0
+    action = actor.act_vector(np.zeros(actor.obs_dim))
+    assert action.shape == (3,) and np.all(np.abs(action) <= 1.0)
