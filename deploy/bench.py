@@ -62,13 +62,13 @@ def default_checkpoint(folder: Path) -> Path:
 
 
 class ServerProcess:
-    """`python -m dopr serve PATH --port 0` on 127.0.0.1; the port is read from its first line."""
+    """`python -m dopr serve PATH --port 0 [ARGS]` on 127.0.0.1; the port is read from its first line."""
 
-    def __init__(self, path: Path, threads: int = 1, timeout: float = 120.0):
+    def __init__(self, path: Path, threads: int = 1, timeout: float = 120.0, args: tuple[str, ...] = ()):
         import tempfile
 
         cmd = [sys.executable, "-m", "dopr", "serve", str(path), "--host", "127.0.0.1", "--port", "0",
-               "--threads", str(threads)]
+               "--threads", str(threads), *args]
         self._log = tempfile.TemporaryFile(mode="w+")  # the server's log (stderr), shown if it fails to start
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True)
         deadline = time.monotonic() + timeout
