@@ -80,11 +80,12 @@ class _FileSeries:
 
 
 def _arrow_column(values: np.ndarray):
-    """(T,) -> a scalar column; (T, D) -> fixed-size lists of D (what lerobot's datasets writes)."""
+    """(T,) -> a scalar column; (T, D) -> fixed-size lists of D named as lerobot's datasets writes them."""
     pa = require("pyarrow")
     if values.ndim == 1:
         return pa.array(values)
-    return pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(values).reshape(-1)), values.shape[1])
+    flat = pa.array(np.ascontiguousarray(values).reshape(-1))
+    return pa.FixedSizeListArray.from_arrays(flat, type=pa.list_(pa.field("element", flat.type), values.shape[1]))
 
 
 def _tolist(stats: dict[str, np.ndarray]) -> dict:
@@ -94,12 +95,14 @@ def _tolist(stats: dict[str, np.ndarray]) -> dict:
 def _tasks_table(tasks: list[str]):
     """meta/tasks.parquet as lerobot writes it: a pandas frame indexed by the task string."""
     pa = require("pyarrow")
-    pandas_meta = {"index_columns": ["__index_level_0__"], "column_indexes": [], "columns": [
-        {"name": "task_index", "field_name": "task_index", "pandas_type": "int64", "numpy_type": "int64",
-         "metadata": None},
-        {"name": None, "field_name": "__index_level_0__", "pandas_type": "unicode", "numpy_type": "object",
-         "metadata": None}], "creator": {"library": "pyarrow", "version": pa.__version__}, "pandas_version": "2.2.3"}
-    table = pa.table({"task_index": pa.array(range(len(tasks)), pa.int64()), "__index_level_0__": pa.array(tasks)})
+    pandas_meta = {"index_columns": ["__index_level_0__"], "column_indexes": [
+        {"name": None, "field_name": None, "pandas_type": "unicode", "numpy_type": "str", "metadata": {"encoding": "UTF-8"}}],
+        "columns": [
+        {"name": "task_index", "field_name": "task_index", "pandas_type": "int64", "numpy_type": "int64", "metadata": None},
+        {"name": None, "field_name": "__index_level_0__", "pandas_type": "object", "numpy_type": "str", "metadata": None}],
+        "attributes": {}, "creator": {"library": "pyarrow", "version": pa.__version__}, "pandas_version": "3.1.1"}
+    table = pa.table({"task_index": pa.array(range(len(tasks)), pa.int64()),
+                      "__index_level_0__": pa.array(tasks, pa.large_string())})
     return table.replace_schema_metadata({b"pandas": json.dumps(pandas_meta).encode()})
 
 
@@ -114,7 +117,7 @@ class _Exporter:
         self.data_files, self.data_writer, self.data_size = _FileSeries(), None, 0
         self.video_files = {k: _FileSeries() for k in self.cameras}
         self.video_writers: dict[str, VideoWriter] = {}
-        self.episode_rows: list[dict] = []
+        self.episode_rows: list[tuple[dict, dict, list[int]]] = []  # (metadata row, stats, task indices)
         self.frames = 0
 
     def _data_writer(self, table):
@@ -131,7 +134,7 @@ class _Exporter:
 
     def _video_writer(self, key: str) -> VideoWriter:
         writer, files = self.video_writers.get(key), self.video_files[key]
-        if writer is not None and writer.path.is_file() and writer.path.stat().st_size >= self.video_bytes:
+        if writer is not None and writer.bytes_written >= self.video_bytes:
             writer.close()
             writer = None
             files.advance()
@@ -165,8 +168,7 @@ class _Exporter:
                         f"videos/{name}/file_index": self.video_files[key].file,
                         f"videos/{name}/from_timestamp": start, f"videos/{name}/to_timestamp": writer.duration})
             stats[name] = feature_stats(episode[key], camera=True)
-        row["task_indices"] = sorted(set(task_index.tolist()))
-        self.episode_rows.append((row, stats))
+        self.episode_rows.append((row, stats, sorted(set(task_index.tolist()))))
         self.frames += n
 
     def close(self) -> None:
@@ -212,10 +214,10 @@ def export_lerobot(store_path, root, fps: int | None = None, vcodec: str = "libs
         exporter.close()
         _write_meta(tmp, store, exporter, fps, tasks, attrs, data_file_mb, video_file_mb)
         pq.write_table(_tasks_table(tasks), _mkparent(tmp / TASKS_PATH))
-        rows = [{**row, "tasks": [tasks[i] for i in row.pop("task_indices")], "meta/episodes/chunk_index": 0,
+        rows = [{**row, "tasks": [tasks[i] for i in task_indices], "meta/episodes/chunk_index": 0,
                  "meta/episodes/file_index": 0,
                  **{f"stats/{name}/{s}": v.tolist() for name, st in stats.items() for s, v in st.items()}}
-                for row, stats in exporter.episode_rows]
+                for row, stats, task_indices in exporter.episode_rows]
         pq.write_table(pa.Table.from_pylist(rows), _mkparent(tmp / EPISODES_PATH.format(chunk_index=0, file_index=0)))
     except BaseException:
         exporter.close()
@@ -251,7 +253,7 @@ def _write_meta(root: Path, store: EpisodeStore, exporter: _Exporter, fps: int, 
             "features": features}
     _mkparent(root / INFO_PATH).write_text(json.dumps(info, indent=4))
     per_feature = {}
-    for _, stats in exporter.episode_rows:
+    for _, stats, _ in exporter.episode_rows:
         for name, s in stats.items():
             per_feature.setdefault(name, []).append(s)
     (root / STATS_PATH).write_text(json.dumps({k: _tolist(aggregate_stats(v)) for k, v in per_feature.items()},

@@ -111,7 +111,9 @@ class VideoFrames:
 
 class VideoWriter:
     """One mp4 of ``fps`` frames/s: ``write(frames)`` appends (N, H, W, 3) uint8 frames; ``duration`` is
-    the end time of the frames written so far, where the next episode starts."""
+    the end time of the frames written so far, where the next episode starts; ``bytes_written`` counts
+    the encoded bytes so far, which lag the frames by the encoder's lookahead (H.264 ~3 frames with
+    lerobot's settings, SVT-AV1 ~20)."""
 
     def __init__(self, path: Path, fps: int, codec: str = "libsvtav1"):
         av = require("av")
@@ -122,7 +124,7 @@ class VideoWriter:
                              f"{sorted(c for c in ENCODERS if c in av.codecs_available)}")
         os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its whole configuration unless told errors only
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.path, self.fps, self.codec, self.n_frames = path, fps, codec, 0
+        self.path, self.fps, self.codec, self.n_frames, self.bytes_written = path, fps, codec, 0, 0
         self._container = av.open(str(path), "w")
         self._stream = None
         self._av = av
@@ -142,7 +144,9 @@ class VideoWriter:
         for image in frames:
             frame = self._av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
             frame.pts = self.n_frames  # in the encoder's time base, 1/fps
-            self._container.mux(self._stream.encode(frame))
+            packets = self._stream.encode(frame)
+            self._container.mux(packets)
+            self.bytes_written += sum(p.size for p in packets)
             self.n_frames += 1
 
     def close(self) -> None:
