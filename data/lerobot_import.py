@@ -204,6 +204,64 @@ def lerobot_features(root: Path) -> tuple[dict, dict]:
     return info, features
 
 
+class LeRobotReader:
+    """A LeRobot dataset folder read episode by episode: iterate for (description, {store key: array});
+    ``attrs`` are the attrs of the store it becomes, ``episodes`` where each episode's rows and frames are."""
+
+    def __init__(self, root, tolerance_s: float = TOLERANCE_S):
+        self.root = root = Path(root)
+        self.info, self.features = lerobot_features(root)
+        version = str(self.info["codebase_version"])
+        self.video_keys = [k for k, f in self.features.items() if f["dtype"] == "video"]
+        self.episodes = sorted((_episodes_v21 if version.startswith("v2") else _episodes_v30)(
+            root, self.info, self.video_keys), key=lambda e: e.index)
+        tasks = _tasks(root, version)
+        dopr_meta = json.loads((root / DOPR_META_PATH).read_text()) if (root / DOPR_META_PATH).is_file() else {}
+        self.names = dopr_meta.get("keys", {})  # lerobot feature -> store key
+        self.keep_task_index = len(tasks) > 1 and "task_index" in self.info["features"]
+        self.attrs = dopr_meta.get("attrs") or {
+            "obs_keys": [k for k in self.features if k.startswith("observation.")], "action_key": "action",
+            "control_freq": self.info["fps"],
+            "source": {"format": "lerobot", "codebase_version": version, "root": str(root)},
+            "lerobot": {"robot_type": self.info.get("robot_type"), "fps": self.info["fps"],
+                        "tasks": [tasks[i] for i in sorted(tasks)], "features": self.features},
+        }
+        columns = ["episode_index", "frame_index", "timestamp", *(k for k in self.features if k not in self.video_keys)]
+        self._data = _DataFiles(columns + (["task_index"] if self.keep_task_index else []))
+        self._readers = {k: VideoFrames(k, tolerance_s) for k in self.video_keys}
+
+    def read(self, ep: _Episode) -> dict[str, np.ndarray]:
+        table = self._data.rows(ep.data_path, ep.index)
+        where = f"episode {ep.index} of {ep.data_path}"
+        if table.num_rows != ep.length:
+            raise EpisodeStoreError(f"{where}: {table.num_rows} rows, but the episode metadata gives length {ep.length}")
+        if ep.length == 0:
+            raise EpisodeStoreError(f"{where}: the episode has no rows")
+        times = table.column("timestamp").to_numpy().astype(np.float64)
+        if np.any(np.diff(times) <= 0):
+            raise EpisodeStoreError(f"{where}: timestamps do not increase with frame_index")
+        episode = {}
+        for key, feature in self.features.items():
+            if key in self.video_keys:
+                path, start = ep.videos[key]
+                episode[key] = self._readers[key].read(path, start + times)
+            elif feature["dtype"] == "image":
+                episode[key] = _png_frames(table, key, ep.data_path)
+            else:
+                episode[key] = _column(table, key, feature, ep.data_path)
+        if self.keep_task_index:
+            episode["task_index"] = table.column("task_index").to_numpy()
+        return {self.names.get(k, k): v for k, v in episode.items()}
+
+    def __iter__(self):
+        for ep in self.episodes:
+            yield f"episode {ep.index} of {ep.data_path}", self.read(ep)
+
+    def close(self) -> None:
+        for reader in self._readers.values():
+            reader.close()
+
+
 def import_lerobot(root, out_path, overwrite: bool = False, progress: bool = True,
                    tolerance_s: float = TOLERANCE_S) -> EpisodeStore:
     """Convert the LeRobot dataset folder ``root`` to a new store at ``out_path``; return it (read-only).
@@ -215,62 +273,22 @@ def import_lerobot(root, out_path, overwrite: bool = False, progress: bool = Tru
     root, out_path = Path(root), Path(out_path)
     if out_path.exists() and not overwrite:
         raise FileExistsError(f"{out_path}: already exists (pass overwrite=True to replace it)")
-    info, features = lerobot_features(root)
-    version = str(info["codebase_version"])
-    video_keys = [k for k, f in features.items() if f["dtype"] == "video"]
-    episodes = (_episodes_v21 if version.startswith("v2") else _episodes_v30)(root, info, video_keys)
-    episodes.sort(key=lambda e: e.index)
-    tasks = _tasks(root, version)
-    dopr_meta = json.loads((root / DOPR_META_PATH).read_text()) if (root / DOPR_META_PATH).is_file() else {}
-    names = dopr_meta.get("keys", {})  # lerobot feature -> store key
-    keep_task_index = len(tasks) > 1 and "task_index" in info["features"]
-    columns = ["episode_index", "frame_index", "timestamp", *(k for k in features if k not in video_keys)]
-    columns += ["task_index"] if keep_task_index else []
-
-    attrs = dopr_meta.get("attrs") or {
-        "obs_keys": [k for k in features if k.startswith("observation.")], "action_key": "action",
-        "control_freq": info["fps"], "source": {"format": "lerobot", "codebase_version": version, "root": str(root)},
-        "lerobot": {"robot_type": info.get("robot_type"), "fps": info["fps"], "tasks": [tasks[i] for i in sorted(tasks)],
-                    "features": features},
-    }
+    reader = LeRobotReader(root, tolerance_s)
     tmp = out_path.with_name(f".{out_path.name}.importing-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    readers = {k: VideoFrames(k, tolerance_s) for k in video_keys}
-    data = _DataFiles(columns)
     try:
-        store = EpisodeStore.create(tmp, attrs=attrs)
-        for ep in tqdm(episodes, desc=f"import {root.name}", disable=not progress, unit="episode"):
-            table = data.rows(ep.data_path, ep.index)
-            where = f"episode {ep.index} of {ep.data_path}"
-            if table.num_rows != ep.length:
-                raise EpisodeStoreError(f"{where}: {table.num_rows} rows, but the episode metadata gives length "
-                                        f"{ep.length}")
-            if ep.length == 0:
-                raise EpisodeStoreError(f"{where}: the episode has no rows")
-            times = table.column("timestamp").to_numpy().astype(np.float64)
-            if np.any(np.diff(times) <= 0):
-                raise EpisodeStoreError(f"{where}: timestamps do not increase with frame_index")
-            episode = {}
-            for key, feature in features.items():
-                if key in video_keys:
-                    path, start = ep.videos[key]
-                    episode[key] = readers[key].read(path, start + times)
-                elif feature["dtype"] == "image":
-                    episode[key] = _png_frames(table, key, ep.data_path)
-                else:
-                    episode[key] = _column(table, key, feature, ep.data_path)
-            if keep_task_index:
-                episode["task_index"] = table.column("task_index").to_numpy()
+        store = EpisodeStore.create(tmp, attrs=reader.attrs)
+        for where, episode in tqdm(reader, total=len(reader.episodes), desc=f"import {root.name}",
+                                   disable=not progress, unit="episode"):
             try:
-                store.append_episode({names.get(k, k): v for k, v in episode.items()})
+                store.append_episode(episode)
             except EpisodeStoreError as err:
                 raise EpisodeStoreError(f"{where}: {err}") from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
-        for reader in readers.values():
-            reader.close()
+        reader.close()
     if out_path.exists():
         shutil.rmtree(out_path)
     os.rename(tmp, out_path)
