@@ -20,9 +20,20 @@ from pathlib import Path
 import numpy as np
 
 from dopr.data.episode_store import EpisodeStore
-from dopr.data.lerobot_format import (CODEBASE_VERSION, DATA_PATH, DOPR_META_PATH, EPISODES_PATH, INDEX_FEATURES,
-                                      INFO_PATH, STATS_PATH, TASKS_PATH, VIDEO_PATH, aggregate_stats,
-                                      feature_stats, require)
+from dopr.data.lerobot_format import (
+    CODEBASE_VERSION,
+    DATA_PATH,
+    DOPR_META_PATH,
+    EPISODES_PATH,
+    INDEX_FEATURES,
+    INFO_PATH,
+    STATS_PATH,
+    TASKS_PATH,
+    VIDEO_PATH,
+    aggregate_stats,
+    feature_stats,
+    require,
+)
 from dopr.data.lerobot_video import VideoWriter, video_info
 from dopr.data.validate import EpisodeStoreError
 
@@ -95,12 +106,16 @@ def _tolist(stats: dict[str, np.ndarray]) -> dict:
 def _tasks_table(tasks: list[str]):
     """meta/tasks.parquet as lerobot writes it: a pandas frame indexed by the task string."""
     pa = require("pyarrow")
-    pandas_meta = {"index_columns": ["__index_level_0__"], "column_indexes": [
-        {"name": None, "field_name": None, "pandas_type": "unicode", "numpy_type": "str", "metadata": {"encoding": "UTF-8"}}],
-        "columns": [
-        {"name": "task_index", "field_name": "task_index", "pandas_type": "int64", "numpy_type": "int64", "metadata": None},
-        {"name": None, "field_name": "__index_level_0__", "pandas_type": "object", "numpy_type": "str", "metadata": None}],
-        "attributes": {}, "creator": {"library": "pyarrow", "version": pa.__version__}, "pandas_version": "3.1.1"}
+    def column(name, field, pandas_type, numpy_type, metadata=None):
+        return {"name": name, "field_name": field, "pandas_type": pandas_type, "numpy_type": numpy_type,
+                "metadata": metadata}
+
+    pandas_meta = {"index_columns": ["__index_level_0__"],
+                   "column_indexes": [column(None, None, "unicode", "str", {"encoding": "UTF-8"})],
+                   "columns": [column("task_index", "task_index", "int64", "int64"),
+                               column(None, "__index_level_0__", "object", "str")],
+                   "attributes": {}, "creator": {"library": "pyarrow", "version": pa.__version__},
+                   "pandas_version": "3.1.1"}
     table = pa.table({"task_index": pa.array(range(len(tasks)), pa.int64()),
                       "__index_level_0__": pa.array(tasks, pa.large_string())})
     return table.replace_schema_metadata({b"pandas": json.dumps(pandas_meta).encode()})
@@ -249,7 +264,8 @@ def _write_meta(root: Path, store: EpisodeStore, exporter: _Exporter, fps: int, 
     info = {"codebase_version": CODEBASE_VERSION, "robot_type": attrs.get("robot_type"), "total_episodes": n,
             "total_frames": exporter.frames, "total_tasks": len(tasks), "chunks_size": CHUNKS_SIZE,
             "data_files_size_in_mb": data_file_mb, "video_files_size_in_mb": video_file_mb, "fps": fps,
-            "splits": {"train": f"0:{n}"}, "data_path": DATA_PATH, "video_path": VIDEO_PATH if exporter.cameras else None,
+            "splits": {"train": f"0:{n}"}, "data_path": DATA_PATH,
+            "video_path": VIDEO_PATH if exporter.cameras else None,
             "features": features}
     _mkparent(root / INFO_PATH).write_text(json.dumps(info, indent=4))
     per_feature = {}

@@ -89,8 +89,9 @@ def aggregate_stats(per_episode: list[dict[str, np.ndarray]]) -> dict[str, np.nd
     means = np.stack([s["mean"] for s in per_episode])
     mean = (w * means).sum(0)
     second = (w * (np.stack([s["std"] for s in per_episode]) ** 2 + means**2)).sum(0)
-    out = {"min": np.min([s["min"] for s in per_episode], axis=0), "max": np.max([s["max"] for s in per_episode], axis=0),
-           "mean": mean, "std": np.sqrt(np.maximum(second - mean**2, 0.0))}
+    out = {"min": np.min([s["min"] for s in per_episode], axis=0),
+           "max": np.max([s["max"] for s in per_episode], axis=0), "mean": mean,
+           "std": np.sqrt(np.maximum(second - mean**2, 0.0))}
     for key in per_episode[0]:
         if key.startswith("q"):
             out[key] = (w * np.stack([s[key] for s in per_episode])).sum(0)

@@ -20,8 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from dopr.data.episode_store import EpisodeStore
-from dopr.data.lerobot_format import (CAMERA_DTYPES, DOPR_META_PATH, EPISODES_DIR, INDEX_FEATURES, INFO_PATH,
-                                      NUMERIC_DTYPES, TASKS_PATH, require)
+from dopr.data.lerobot_format import (
+    CAMERA_DTYPES,
+    DOPR_META_PATH,
+    EPISODES_DIR,
+    INDEX_FEATURES,
+    INFO_PATH,
+    NUMERIC_DTYPES,
+    TASKS_PATH,
+    require,
+)
 from dopr.data.lerobot_video import TOLERANCE_S, VideoFrames
 from dopr.data.validate import EpisodeStoreError
 
@@ -234,7 +242,8 @@ class LeRobotReader:
         table = self._data.rows(ep.data_path, ep.index)
         where = f"episode {ep.index} of {ep.data_path}"
         if table.num_rows != ep.length:
-            raise EpisodeStoreError(f"{where}: {table.num_rows} rows, but the episode metadata gives length {ep.length}")
+            raise EpisodeStoreError(f"{where}: {table.num_rows} rows, but the episode metadata gives length "
+                                    f"{ep.length}")
         if ep.length == 0:
             raise EpisodeStoreError(f"{where}: the episode has no rows")
         times = table.column("timestamp").to_numpy().astype(np.float64)

@@ -191,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         if form == "checkpoint":
             paths[form] = ckpt
         elif form in ("torchscript", "onnx"):
-            paths[form] = export_checkpoint(ckpt, out / f"{ckpt.name}.{'pt' if form == 'torchscript' else 'onnx'}", form)
+            suffix = "pt" if form == "torchscript" else "onnx"
+            paths[form] = export_checkpoint(ckpt, out / f"{ckpt.name}.{suffix}", form)
         else:
             raise SystemExit(f"unknown form {form!r}; choose from checkpoint, torchscript, onnx")
 

@@ -26,7 +26,8 @@ from __future__ import annotations
 import time
 import traceback
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -50,7 +51,10 @@ def parse_renames(pairs: list[str]) -> dict[str, str]:
 def openpi_metadata(meta: dict, renames: dict[str, str]) -> dict:
     """The metadata map sent on connect: the policy's, with observation keys as the client names them."""
     to_client = {policy_key: client_key for client_key, policy_key in renames.items()}
-    name = lambda key: to_client.get(key, key)  # noqa: E731
+
+    def name(key: str) -> str:
+        return to_client.get(key, key)
+
     return {**meta, "protocol": "openpi", "endpoints": ["infer", "reset"],
             "obs_keys": [name(k) for k in meta["obs_keys"]],
             "obs_shapes": {name(k): v for k, v in meta["obs_shapes"].items()},

@@ -279,9 +279,10 @@ def test_the_dataset_lerobot_wrote_trains_with_dopr_train(tmp_path):
     from dopr.policies import load_policy
 
     store = import_lerobot(FIXTURE, tmp_path / "fx.zarr", progress=False)
-    done = subprocess.run([sys.executable, "-m", "dopr", "train", "--data", str(store.path), "--out", str(tmp_path / "run"),
-                           "--optim", "adamw", "--steps", "4", "--batch-size", "4", "--n-obs-steps", "2", "--horizon", "4",
-                           "--n-action-steps", "2", "--threads", "1", "--no-progress"],
+    done = subprocess.run([sys.executable, "-m", "dopr", "train", "--data", str(store.path),
+                           "--out", str(tmp_path / "run"), "--optim", "adamw", "--steps", "4", "--batch-size", "4",
+                           "--n-obs-steps", "2", "--horizon", "4", "--n-action-steps", "2", "--threads", "1",
+                           "--no-progress"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     policy = load_policy(tmp_path / "run" / "ckpt-final")

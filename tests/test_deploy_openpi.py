@@ -17,7 +17,8 @@ from dopr.deploy.runtime import PolicyRunner
 from dopr.deploy.server import PolicyServer
 from dopr.policies import PolicyConfig, build_policy, load_policy, save_checkpoint
 
-openpi_client = pytest.importorskip("openpi_client", reason='openpi-client is in the dev extra: pip install -e ".[dev]"')
+openpi_client = pytest.importorskip("openpi_client",
+                                    reason='openpi-client is in the dev extra: pip install -e ".[dev]"')
 from openpi_client import msgpack_numpy  # noqa: E402
 from openpi_client.websocket_client_policy import WebsocketClientPolicy  # noqa: E402
 

@@ -31,7 +31,8 @@ def frame(k: int) -> np.ndarray:
 def main(root: Path) -> None:
     shutil.rmtree(root, ignore_errors=True)
     features = {
-        "observation.images.front": {"dtype": "video", "shape": (SIZE, SIZE, 3), "names": ["height", "width", "channels"]},
+        "observation.images.front": {"dtype": "video", "shape": (SIZE, SIZE, 3),
+                                     "names": ["height", "width", "channels"]},
         "observation.state": {"dtype": "float32", "shape": (4,), "names": ["x", "y", "z", "gripper"]},
         "action": {"dtype": "float32", "shape": (3,), "names": ["dx", "dy", "dz"]},
     }
@@ -41,7 +42,8 @@ def main(root: Path) -> None:
     k = 0
     for length, task in zip(LENGTHS, TASKS):
         for _ in range(length):
-            item = {"observation.images.front": frame(k), "observation.state": rng.standard_normal(4).astype(np.float32),
+            item = {"observation.images.front": frame(k),
+                    "observation.state": rng.standard_normal(4).astype(np.float32),
                     "action": rng.standard_normal(3).astype(np.float32)}
             source["images"].append(item["observation.images.front"])
             source["state"].append(item["observation.state"])
