@@ -25,28 +25,22 @@ def add_parser(sub) -> None:
     info.add_argument("--images", action="store_true", help="also compute statistics of image keys (slow)")
     info.set_defaults(action=main_info)
 
-    imp = cmds.add_parser("import-robomimic", help="convert a robomimic hdf5 dataset to an episode store",
-                          description="Convert robomimic's hdf5 (data/demo_N/{obs/*, actions, states, rewards, "
-                          "dones}) to a store: keys action, state, reward, done and every obs key; "
-                          "mask/train and mask/valid become the store's split.")
-    imp.add_argument("hdf5", help="robomimic dataset file (.hdf5)")
-    imp.add_argument("out", help="the store to write (.zarr folder; must not exist unless --overwrite)")
-    imp.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    imp.set_defaults(action=main_import)
-
-    lri = cmds.add_parser("import-lerobot", help="convert a local LeRobotDataset (v3.0 or v2.1) folder to a store",
-                          description="Convert a LeRobotDataset folder (meta/info.json, data/chunk-*/file-*.parquet, "
-                          "meta/episodes/..., videos/<key>/chunk-*/file-*.mp4; v2.1's per-episode files too) to a "
-                          "store. Episode boundaries are kept exactly; camera frames (AV1, H.264, HEVC) are decoded "
-                          "with PyAV and matched to rows by timestamp; observation.images.* become uint8 (T, H, W, 3) "
-                          "arrays; numeric features keep their names and dtypes. Needs the extra: "
-                          'pip install -e ".[lerobot]".')
-    lri.add_argument("root", help="the LeRobot dataset folder (the one holding meta/info.json)")
-    lri.add_argument("out", help="the store to write (.zarr folder; must not exist unless --overwrite)")
+    _add_import(cmds, "import-robomimic", main_import, ("hdf5", "robomimic dataset file (.hdf5)"),
+                help="convert a robomimic hdf5 dataset to an episode store",
+                description="Convert robomimic's hdf5 (data/demo_N/{obs/*, actions, states, rewards, "
+                "dones}) to a store: keys action, state, reward, done and every obs key; "
+                "mask/train and mask/valid become the store's split.")
+    lri = _add_import(cmds, "import-lerobot", main_import_lerobot,
+                      ("root", "the LeRobot dataset folder (the one holding meta/info.json)"),
+                      help="convert a local LeRobotDataset (v3.0 or v2.1) folder to a store",
+                      description="Convert a LeRobotDataset folder (meta/info.json, data/chunk-*/file-*.parquet, "
+                      "meta/episodes/..., videos/<key>/chunk-*/file-*.mp4; v2.1's per-episode files too) to a "
+                      "store. Episode boundaries are kept exactly; camera frames (AV1, H.264, HEVC) are decoded "
+                      "with PyAV and matched to rows by timestamp; observation.images.* become uint8 (T, H, W, 3) "
+                      "arrays; numeric features keep their names and dtypes. Needs the extra: "
+                      'pip install -e ".[lerobot]".')
     lri.add_argument("--tolerance-s", type=float, default=1e-4,
                      help="largest gap between a row's timestamp and its video frame (default 1e-4 s, lerobot's)")
-    lri.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    lri.set_defaults(action=main_import_lerobot)
 
     lre = cmds.add_parser("export-lerobot", help="write a store as a LeRobotDataset v3.0 folder",
                           description="Write the store as a LeRobotDataset v3.0 folder that lerobot's "
@@ -83,6 +77,16 @@ def add_parser(sub) -> None:
     rep.add_argument("--episodes", type=int, default=None, help="check only the first N episodes (default: all)")
     rep.add_argument("--task", default=None, help="task name (default: the store's attrs['task'])")
     rep.set_defaults(action=main_check_replay)
+
+
+def _add_import(cmds, name: str, action, source: tuple[str, str], **texts):
+    """A `dopr data import-*` subcommand: SOURCE OUT [--overwrite]."""
+    p = cmds.add_parser(name, **texts)
+    p.add_argument(source[0], help=source[1])
+    p.add_argument("out", help="the store to write (.zarr folder; must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(action=action)
+    return p
 
 
 def main(args) -> int:

@@ -15,27 +15,20 @@ from dopr.deploy.load import load_model
 from dopr.deploy.protocol import packb, unpackb
 from dopr.deploy.runtime import PolicyRunner
 from dopr.deploy.server import PolicyServer
-from dopr.policies import PolicyConfig, build_policy, load_policy, save_checkpoint
+from dopr.policies import load_policy
+from dopr.tests.deploy_helpers import OBS_SHAPES, small_mlp_checkpoint
 
 openpi_client = pytest.importorskip("openpi_client",
                                     reason='openpi-client is in the dev extra: pip install -e ".[dev]"')
 from openpi_client import msgpack_numpy  # noqa: E402
 from openpi_client.websocket_client_policy import WebsocketClientPolicy  # noqa: E402
 
-OBS_SHAPES = {"robot0_eef_pos": [3], "object": [5]}
 RENAME = "observation/state=robot0_eef_pos"
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    cfg = PolicyConfig(kind="mlp", obs_shapes=OBS_SHAPES, action_dim=3, n_obs_steps=2, horizon=6, n_action_steps=3,
-                       mlp_hidden_dim=32)
-    stats = {k: {"min": rng.uniform(-2, -1, d), "max": rng.uniform(1, 2, d), "mean": np.zeros(d), "std": np.ones(d)}
-             for k, d in {"robot0_eef_pos": 3, "object": 5, "action": 3}.items()}
-    return save_checkpoint(tmp_path_factory.mktemp("openpi") / "mlp", build_policy(cfg, stats),
-                           meta={"step": 1, "task": "lift", "control_freq": 20.0})
+    return small_mlp_checkpoint(tmp_path_factory.mktemp("openpi") / "mlp")
 
 
 @pytest.fixture(scope="module")
