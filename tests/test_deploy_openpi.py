@@ -79,6 +79,17 @@ def test_openpi_client_gets_actions_from_single_steps_with_history_per_connectio
     np.testing.assert_allclose(other.infer(s2)["actions"], expected_chunk(checkpoint, fresh), atol=1e-5, rtol=0)
 
 
+def test_openpi_action_chunk_broker_hands_out_the_chunk_row_by_row(served):
+    from openpi_client.action_chunk_broker import ActionChunkBroker
+
+    rng = np.random.default_rng(5)
+    s0 = step(rng)
+    chunk = WebsocketClientPolicy(host="127.0.0.1", port=served.port).infer(s0)["actions"]
+    broker = ActionChunkBroker(WebsocketClientPolicy(host="127.0.0.1", port=served.port), action_horizon=3)
+    rows = [broker.infer(s0)["actions"] for _ in range(3)]  # one request, three actions
+    np.testing.assert_allclose(rows, chunk, atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("request_, match", [
     ({"object": np.zeros(5)}, "missing observation key 'observation/state'"),
     ({"observation/state": np.zeros(4), "object": np.zeros(5)}, r"has shape \(4,\), expected one step \(3,\)"),
