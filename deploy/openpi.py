@@ -23,6 +23,7 @@ Ta ticks (openpi's ActionChunkBroker) should send every tick's observation or th
 
 from __future__ import annotations
 
+import logging
 import time
 import traceback
 from collections import deque
@@ -31,8 +32,10 @@ from typing import Any
 
 import numpy as np
 
-from dopr.deploy.protocol import packb, unpackb
+from dopr.deploy.protocol import ProtocolError, packb, unpackb
 from dopr.deploy.server import BadRequest, validate_observation
+
+log = logging.getLogger("dopr.deploy.openpi")
 
 RESET_REPLY = {"status": "reset successful"}
 
@@ -98,15 +101,15 @@ class OpenpiSession:
         request = {self.renames.get(k, k): v for k, v in request.items()}
         steps = {}
         for key in self.meta["obs_keys"]:
+            client_key = next((c for c, p in self.renames.items() if p == key), key)  # errors name what was sent
             if key not in request:
-                client_key = next((c for c, p in self.renames.items() if p == key), key)
                 raise BadRequest(f"missing observation key '{client_key}'; expected keys "
                                  f"{openpi_metadata(self.meta, self.renames)['obs_keys']}")
-            value = cast_losslessly(key, request[key], np.dtype(self.meta["obs_dtypes"][key]))
+            value = cast_losslessly(client_key, request[key], np.dtype(self.meta["obs_dtypes"][key]))
             step_shape = tuple(self.meta["obs_shapes"][key])
             if value.shape not in (step_shape, (self.n_obs_steps, *step_shape)):
-                raise BadRequest(f"observation '{key}' has shape {value.shape}, expected one step {step_shape} "
-                                 f"or the history {(self.n_obs_steps, *step_shape)}")
+                raise BadRequest(f"observation '{client_key}' has shape {value.shape}, expected one step "
+                                 f"{step_shape} or the history {(self.n_obs_steps, *step_shape)}")
             steps[key] = value
         # the new history replaces the old only if the request passes every check (NaN included)
         history = {k: deque(h, maxlen=self.n_obs_steps) for k, h in self.history.items()}
@@ -138,5 +141,8 @@ class OpenpiSession:
             now = time.perf_counter()
             return packb({"actions": chunk, "action": chunk, "server_ms": 1e3 * (now - start),
                           "server_timing": {"infer_ms": 1e3 * (now - infer_start)}})
-        except Exception:  # openpi's way: the traceback as a text frame, which its client raises
+        except (ProtocolError, BadRequest):  # openpi's way: the traceback as a text frame, which its client raises
+            return traceback.format_exc()
+        except Exception:  # the model failed on a request that passed the checks: log it too, keep serving
+            log.exception("policy failed on a request")
             return traceback.format_exc()

@@ -92,8 +92,10 @@ def test_openpi_action_chunk_broker_hands_out_the_chunk_row_by_row(served):
 
 @pytest.mark.parametrize("request_, match", [
     ({"object": np.zeros(5)}, "missing observation key 'observation/state'"),
-    ({"observation/state": np.zeros(4), "object": np.zeros(5)}, r"has shape \(4,\), expected one step \(3,\)"),
-    ({"observation/state": np.array([1, 2, 2**30 + 1]), "object": np.zeros(5)}, "cannot hold exactly"),
+    ({"observation/state": np.zeros(4), "object": np.zeros(5)},
+     r"'observation/state' has shape \(4,\), expected one step \(3,\)"),
+    ({"observation/state": np.array([1, 2, 2**30 + 1]), "object": np.zeros(5)},
+     "'observation/state' has dtype int64 with values that float32 cannot hold exactly"),
     ({"observation/state": np.array([np.nan, 0, 0]), "object": np.zeros(5)}, "NaN or inf"),
     ({"observation/state": np.zeros(3), "object": np.zeros(5), "endpoint": "train"}, "unknown endpoint"),
 ])
