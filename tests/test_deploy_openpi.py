@@ -164,6 +164,23 @@ def test_dopr_client_talks_to_an_openpi_server():
         server.server.shutdown()
 
 
+def test_dopr_runner_over_the_openpi_protocol_acts_as_over_the_native_one(checkpoint):
+    """PolicyRunner sends its (To, ...) history to an openpi server too, and resets it with the reset endpoint."""
+    model = load_model(checkpoint)
+    rng = np.random.default_rng(7)
+    steps = [{k: rng.standard_normal(s[0]) for k, s in OBS_SHAPES.items()} for _ in range(7)]
+    actions = {}
+    for protocol in ("native", "openpi"):
+        with PolicyServer(model, model.meta, port=0, protocol=protocol) as server, \
+                PolicyClient("127.0.0.1", server.port) as client:
+            assert client.protocol == protocol
+            runner = PolicyRunner.from_client(client)
+            actions[protocol] = [runner.act(s) for s in steps[:4]]
+            runner.reset()
+            actions[protocol] += [runner.act(s) for s in steps[4:]]
+    np.testing.assert_allclose(actions["openpi"], actions["native"], atol=1e-6, rtol=0)
+
+
 def test_native_protocol_is_the_default_and_unchanged(checkpoint):
     model = load_model(checkpoint)
     with PolicyServer(model, model.meta, port=0) as server, PolicyClient("127.0.0.1", server.port) as client:
