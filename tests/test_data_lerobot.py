@@ -83,6 +83,16 @@ def test_imports_the_dataset_lerobot_wrote(tmp_path):
     assert attrs["lerobot"]["tasks"] == ["lift the cube", "push the cube"]
 
 
+def test_imports_image_features_exactly(tmp_path):
+    """lerobot's ``image`` features (use_videos=False): PNG bytes in the parquet, lossless."""
+    fixture = FIXTURE.parent / "lerobot_v30_images"
+    out = import_lerobot(fixture, tmp_path / "im.zarr", progress=False)
+    source = np.load(fixture / "source.npz")
+    np.testing.assert_array_equal(out.episode_ends, np.cumsum(source["lengths"]))
+    np.testing.assert_array_equal(out.array("observation.images.front")[:], source["images"])
+    np.testing.assert_array_equal(out.array("observation.state")[:], source["state"])
+
+
 @pytest.mark.parametrize("vcodec", ["libsvtav1", "h264"])
 def test_round_trip_store_lerobot_store(store, tmp_path, vcodec):
     root = export_lerobot(store.path, tmp_path / "le", vcodec=vcodec, progress=False)

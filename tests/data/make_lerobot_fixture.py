@@ -2,9 +2,11 @@
 
     python -m venv lerobot-venv && lerobot-venv/bin/pip install lerobot==0.4.4
     lerobot-venv/bin/python tests/data/make_lerobot_fixture.py tests/data/lerobot_v30_tiny
+    lerobot-venv/bin/python tests/data/make_lerobot_fixture.py tests/data/lerobot_v30_images --images
 
 3 episodes (5, 7 and 4 frames) at 10 fps of a 32x32 camera, a 4-dim state and a 3-dim action, with two
 task strings; lerobot's defaults otherwise (AV1 video, several episodes per mp4 and per parquet).
+With --images the camera is an ``image`` feature instead (PNG bytes inside the parquet, no video).
 The frames and values it was given are saved in source.npz next to it, for the tests to compare with.
 """
 
@@ -28,15 +30,15 @@ def frame(k: int) -> np.ndarray:
     return img.astype(np.uint8)
 
 
-def main(root: Path) -> None:
+def main(root: Path, images: bool) -> None:
     shutil.rmtree(root, ignore_errors=True)
     features = {
-        "observation.images.front": {"dtype": "video", "shape": (SIZE, SIZE, 3),
+        "observation.images.front": {"dtype": "image" if images else "video", "shape": (SIZE, SIZE, 3),
                                      "names": ["height", "width", "channels"]},
         "observation.state": {"dtype": "float32", "shape": (4,), "names": ["x", "y", "z", "gripper"]},
         "action": {"dtype": "float32", "shape": (3,), "names": ["dx", "dy", "dz"]},
     }
-    ds = LeRobotDataset.create("dopr/tiny", fps=FPS, features=features, root=root, use_videos=True)
+    ds = LeRobotDataset.create("dopr/tiny", fps=FPS, features=features, root=root, use_videos=not images)
     rng = np.random.default_rng(0)
     source = {"images": [], "state": [], "action": [], "lengths": np.array(LENGTHS)}
     k = 0
@@ -56,4 +58,4 @@ def main(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), images="--images" in sys.argv[2:])
