@@ -34,6 +34,12 @@ from dopr.data.lerobot_video import TOLERANCE_S, VideoFrames
 from dopr.data.validate import EpisodeStoreError
 
 
+# episodes are appended to the store in batches of about this many bytes: one commit per batch costs
+# less than one per episode (20 episodes of 100 84x84 frames: 1.42 s one by one, 0.63 s in batches of 5,
+# 1.01 s all at once, on a loaded 2-core machine)
+APPEND_BYTES = 8 << 20
+
+
 @dataclass
 class _Episode:
     """Where one episode's rows and frames are: its parquet file and, per video key, (mp4, start time)."""
@@ -287,12 +293,18 @@ def import_lerobot(root, out_path, overwrite: bool = False, progress: bool = Tru
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         store = EpisodeStore.create(tmp, attrs=reader.attrs)
-        for where, episode in tqdm(reader, total=len(reader.episodes), desc=f"import {root.name}",
-                                   disable=not progress, unit="episode"):
-            try:
-                store.append_episode(episode)
-            except EpisodeStoreError as err:
-                raise EpisodeStoreError(f"{where}: {err}") from err
+        batch, where, size = [], [], 0
+        for i, (source, episode) in enumerate(tqdm(reader, total=len(reader.episodes), desc=f"import {root.name}",
+                                                   disable=not progress, unit="episode")):
+            batch.append(episode)
+            where.append(source)
+            size += sum(v.nbytes for v in episode.values())
+            if size >= APPEND_BYTES or i == len(reader.episodes) - 1:
+                try:
+                    store.append_episodes(batch)
+                except EpisodeStoreError as err:
+                    raise EpisodeStoreError(f"{where[0]} .. {where[-1]}: {err}") from err
+                batch, where, size = [], [], 0
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
