@@ -191,6 +191,7 @@ class _Exporter:
             self.data_writer.close()
         for writer in self.video_writers.values():
             writer.close()
+        self.data_writer, self.video_writers = None, {}
 
 
 def export_lerobot(store_path, root, fps: int | None = None, vcodec: str = "libsvtav1", task: str | None = None,
@@ -225,6 +226,9 @@ def export_lerobot(store_path, root, fps: int | None = None, vcodec: str = "libs
         for i in tqdm(range(store.n_episodes), desc=f"export {store.path.name}", disable=not progress, unit="episode"):
             episode = store.get_episode(i, keys=list(names) + (["task_index"] if "task_index" in store.keys else []))
             task_index = episode.pop("task_index", np.zeros(len(episode[next(iter(episode))]), np.int64))
+            if task_index.min() < 0 or task_index.max() >= len(tasks):
+                raise EpisodeStoreError(f"{store.path}: data/task_index of episode {i} holds {task_index.max()}, but "
+                                        f"attrs['lerobot']['tasks'] names {len(tasks)} task(s)")
             exporter.add(i, episode, task_index)
         exporter.close()
         _write_meta(tmp, store, exporter, fps, tasks, attrs, data_file_mb, video_file_mb)

@@ -304,3 +304,14 @@ def test_the_dataset_lerobot_wrote_trains_with_dopr_train(tmp_path):
     obs = {k: torch.from_numpy(store.array(k)[:2][None]) for k in policy.config.obs_shapes}
     with torch.no_grad():
         assert policy.predict_action(obs).shape == (1, 2, 3)
+
+
+def test_export_errors_name_what_is_missing(tmp_path):
+    store = EpisodeStore.create(tmp_path / "s.zarr", attrs={"obs_keys": ["eef"]})
+    store.append_episode({"eef": np.zeros((3, 2), np.float32), "action": np.zeros((3, 2), np.float32),
+                          "task_index": np.array([0, 1, 1])})
+    with pytest.raises(ValueError, match="attrs has no integer 'control_freq'.*--fps"):
+        export_lerobot(store.path, tmp_path / "le", progress=False)
+    with pytest.raises(EpisodeStoreError, match="data/task_index of episode 0 holds 1, but attrs.*names 1 task"):
+        export_lerobot(store.path, tmp_path / "le", fps=10, progress=False)
+    assert not (tmp_path / "le").exists() and not list(tmp_path.glob(".le.exporting-*"))
