@@ -1,5 +1,6 @@
 """dopr.data: the episode store (zarr), its validation, the train/val split, the sequence sampler,
-the torch dataset on top, normalizer statistics, importers, and atomic file writes.
+the torch dataset on top, normalizer statistics, importers (robomimic, LeRobot) and the LeRobot exporter,
+and atomic file writes.
 
 Names are imported on first use, so that importing a light submodule (dopr.data.atomic, which
 every stage uses) does not pay for zarr or torch.
@@ -17,6 +18,8 @@ _EXPORTS = {
     "record_split": "dopr.data.split",
     "resolve_split": "dopr.data.split",
     "import_robomimic": "dopr.data.robomimic_import",
+    "import_lerobot": "dopr.data.lerobot_import",
+    "export_lerobot": "dopr.data.lerobot_export",
     "check_replay": "dopr.data.replay",
     "replay_episode": "dopr.data.replay",
     "stored_success": "dopr.data.replay",

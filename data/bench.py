@@ -116,3 +116,90 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def main_lerobot(argv: list[str] | None = None) -> int:
+    """`dopr bench lerobot`: frames/s of `dopr data import-lerobot` against raw PyAV decoding of the same mp4s."""
+    p = argparse.ArgumentParser(prog="dopr bench lerobot", description=main_lerobot.__doc__ + (
+        " A store of smooth camera frames (a moving square on gradients) and Lift-sized low-dim keys is "
+        "exported with `export-lerobot` (several episodes per mp4), then imported; raw decoding is PyAV's "
+        "frame loop with to_ndarray('rgb24') over the same files, frame threads on, as the importer sets them."))
+    p.add_argument("--root", default=None, help="a LeRobot dataset folder to measure instead of the generated one")
+    p.add_argument("--episodes", type=int, default=20)
+    p.add_argument("--length", type=int, default=100, help="steps per episode")
+    p.add_argument("--image-size", type=int, default=84)
+    p.add_argument("--vcodec", default="libsvtav1", choices=["libsvtav1", "h264", "hevc"])
+    p.add_argument("--repeats", type=int, default=3, help="best of this many runs of each")
+    args = p.parse_args(argv)
+
+    from dopr.data import EpisodeStore
+    from dopr.data.lerobot_export import export_lerobot
+    from dopr.data.lerobot_format import require
+    from dopr.data.lerobot_import import LeRobotReader, import_lerobot
+
+    av = require("av")
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.root) if args.root else Path(tmp) / "lerobot"
+        if not args.root:
+            store = EpisodeStore.create(Path(tmp) / "src.zarr", attrs={"obs_keys": [*OBS, "agentview_image"],
+                                                                        "control_freq": 20})
+            n = args.image_size
+            y, x = np.mgrid[0:n, 0:n] / n
+            base = np.stack([60 + 120 * x, 60 + 120 * y, 90 + 30 * (x + y)], -1)
+            for _ in range(args.episodes):
+                ep = {k: rng.normal(size=(args.length, d)).astype(np.float32) for k, d in OBS.items()}
+                ep["action"] = rng.normal(size=(args.length, 7)).astype(np.float32)
+                frames = np.repeat(base[None], args.length, axis=0)
+                for t in range(args.length):
+                    c = (3 + 2 * t) % (n - n // 4)
+                    frames[t, c:c + n // 4, c:c + n // 4] = 230
+                ep["agentview_image"] = frames.astype(np.uint8)
+                store.append_episode(ep)
+            t0 = time.perf_counter()
+            export_lerobot(store.path, root, vcodec=args.vcodec, progress=False)
+            export_s = time.perf_counter() - t0
+        videos = sorted((root / "videos").rglob("*.mp4"))
+        if not videos:
+            raise SystemExit(f"{root}: no videos/**/*.mp4 to decode")
+
+        def raw_decode() -> int:
+            count = 0
+            for path in videos:
+                with av.open(str(path)) as container:
+                    stream = container.streams.video[0]
+                    stream.thread_type = "AUTO"
+                    for frame in container.decode(stream):
+                        frame.to_ndarray(format="rgb24")
+                        count += 1
+            return count
+
+        def best(fn):
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        def read_episodes() -> None:
+            reader = LeRobotReader(root)
+            for _ in reader:
+                pass
+            reader.close()
+
+        n_frames = raw_decode()
+        raw_s = best(raw_decode)
+        read_s = best(read_episodes)
+        out = Path(tmp) / "imported.zarr"
+        import_s = best(lambda: import_lerobot(root, out, overwrite=True, progress=False))
+        imported = EpisodeStore.open(out)
+    print(f"{len(videos)} mp4 file(s), {n_frames} frames" + (f" of {args.image_size}x{args.image_size} "
+          f"({args.vcodec}); export {n_frames / export_s:.0f} frames/s" if not args.root else "") +
+          f"; imported {imported.n_episodes} episodes, {imported.n_steps} steps; best of {args.repeats}")
+    print(f"  raw PyAV decode (to rgb24)        {n_frames / raw_s:9.0f} frames/s")
+    print(f"  import's reader (LeRobotReader)   {n_frames / read_s:9.0f} frames/s   = {raw_s / read_s:.2f} x raw "
+          "(parquet rows, frames matched to rows by timestamp)")
+    print(f"  dopr data import-lerobot          {n_frames / import_s:9.0f} frames/s   = {raw_s / import_s:.2f} x raw "
+          "(the reader plus the zarr store's compressed, atomic appends)")
+    return 0

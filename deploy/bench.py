@@ -1,7 +1,8 @@
 """`dopr bench serve`: request latency and throughput of the policy server over loopback.
 
-For each served form of one policy (the checkpoint folder, its TorchScript and ONNX exports) it
-starts a real `dopr serve` process on 127.0.0.1, then measures from this process:
+For each served form of one policy (the checkpoint folder, its TorchScript and ONNX exports) and each
+protocol (native: the (To, ...) history per request; openpi: one step per request, the server keeps
+the history) it starts a real `dopr serve` process on 127.0.0.1, then measures from this process:
 - the round-trip latency of single requests (p50, p99) from one client, and
 - requests/s with 1 and with 4 concurrent clients (one connection and one thread each),
 next to the in-process latency of the same model without the network, so the ratios compare
@@ -33,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default=None, help="checkpoint folder to serve (default: a Lift-sized MLP checkpoint)")
     p.add_argument("--forms", default="checkpoint,torchscript,onnx",
                    help="comma-separated forms to serve: checkpoint, torchscript, onnx")
+    p.add_argument("--protocols", default="native,openpi", help="comma-separated protocols: native, openpi")
     p.add_argument("--requests", type=int, default=500, help="requests per client per measurement")
     p.add_argument("--warmup", type=int, default=20, help="requests per client before measuring")
     p.add_argument("--threads", type=int, default=1, help="inference threads of the server")
@@ -62,13 +64,13 @@ def default_checkpoint(folder: Path) -> Path:
 
 
 class ServerProcess:
-    """`python -m dopr serve PATH --port 0` on 127.0.0.1; the port is read from its first line."""
+    """`python -m dopr serve PATH --port 0 [ARGS]` on 127.0.0.1; the port is read from its first line."""
 
-    def __init__(self, path: Path, threads: int = 1, timeout: float = 120.0):
+    def __init__(self, path: Path, threads: int = 1, timeout: float = 120.0, args: tuple[str, ...] = ()):
         import tempfile
 
         cmd = [sys.executable, "-m", "dopr", "serve", str(path), "--host", "127.0.0.1", "--port", "0",
-               "--threads", str(threads)]
+               "--threads", str(threads), *args]
         self._log = tempfile.TemporaryFile(mode="w+")  # the server's log (stderr), shown if it fails to start
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True)
         deadline = time.monotonic() + timeout
@@ -122,6 +124,8 @@ def _client_loop(port: int, n: int, warmup: int, latencies: list, start: threadi
 
     with PolicyClient("127.0.0.1", port) as client:
         obs = random_observation(client.metadata, np.random.default_rng(seed))
+        if client.protocol == "openpi":  # one step per request; the server keeps the history
+            obs = {k: v[-1] for k, v in obs.items()}
         for _ in range(warmup):
             client.infer(obs)
         start.wait()
@@ -178,31 +182,39 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     ckpt = Path(args.policy) if args.policy else default_checkpoint(out)
     forms = [f.strip() for f in args.forms.split(",") if f.strip()]
+    protocols = [p.strip() for p in args.protocols.split(",") if p.strip()]
+    unknown = sorted(set(protocols) - {"native", "openpi"})
+    if unknown:
+        raise SystemExit(f"unknown protocol(s) {unknown}; choose from native, openpi")
     paths = {}
     for form in forms:
         if form == "checkpoint":
             paths[form] = ckpt
         elif form in ("torchscript", "onnx"):
-            paths[form] = export_checkpoint(ckpt, out / f"{ckpt.name}.{'pt' if form == 'torchscript' else 'onnx'}", form)
+            suffix = "pt" if form == "torchscript" else "onnx"
+            paths[form] = export_checkpoint(ckpt, out / f"{ckpt.name}.{suffix}", form)
         else:
             raise SystemExit(f"unknown form {form!r}; choose from checkpoint, torchscript, onnx")
 
     print(f"policy {ckpt}; {args.requests} requests per client after {args.warmup} warm-up; "
           f"server threads {args.threads}; loopback 127.0.0.1")
-    header = f"{'form':<12} {'in-proc p50':>11} {'p50 ms':>8} {'p99 ms':>8} {'req/s 1c':>9} {'req/s 4c':>9} {'p99 4c':>8}"
+    header = (f"{'form/protocol':<20} {'in-proc p50':>11} {'p50 ms':>8} {'p99 ms':>8} {'req/s 1c':>9} "
+              f"{'req/s 4c':>9} {'p99 4c':>8}")
     print(header)
     results = {}
     for form, path in paths.items():
         in_proc = measure_in_process(path, args.requests, args.threads)
-        with ServerProcess(path, threads=args.threads) as server:
-            one = measure_clients(server.port, 1, args.requests, args.warmup)
-            four = measure_clients(server.port, 4, args.requests, args.warmup)
-        results[form] = (in_proc, one, four)
-        print(f"{form:<12} {in_proc:>11.3f} {one['p50_ms']:>8.3f} {one['p99_ms']:>8.3f} {one['rps']:>9.0f} "
-              f"{four['rps']:>9.0f} {four['p99_ms']:>8.3f}", flush=True)
+        for protocol in protocols:
+            with ServerProcess(path, threads=args.threads, args=("--protocol", protocol)) as server:
+                one = measure_clients(server.port, 1, args.requests, args.warmup)
+                four = measure_clients(server.port, 4, args.requests, args.warmup)
+            name = f"{form}/{protocol}"
+            results[name] = (in_proc, one, four)
+            print(f"{name:<20} {in_proc:>11.3f} {one['p50_ms']:>8.3f} {one['p99_ms']:>8.3f} {one['rps']:>9.0f} "
+                  f"{four['rps']:>9.0f} {four['p99_ms']:>8.3f}", flush=True)
     base = next(iter(results))
-    for form, (in_proc, one, four) in results.items():
-        print(f"{form}: p99 {one['p99_ms']:.2f} ms ({'meets' if one['p99_ms'] < GOAL_P99_MS else 'MISSES'} the "
+    for name, (in_proc, one, four) in results.items():
+        print(f"{name}: p99 {one['p99_ms']:.2f} ms ({'meets' if one['p99_ms'] < GOAL_P99_MS else 'MISSES'} the "
               f"{GOAL_P99_MS:.0f} ms goal); network+protocol overhead p50 {one['p50_ms'] - in_proc:.3f} ms; "
               f"1-client req/s vs {base}: {one['rps'] / results[base][1]['rps']:.2f}x; 4 vs 1 clients: "
               f"{four['rps'] / one['rps']:.2f}x")

@@ -1,7 +1,8 @@
 """Wire format of the policy server: msgpack with numpy arrays, the encoding openpi uses.
 
 An array travels as a map ``{"__ndarray__": True, "data": raw bytes, "dtype": str, "shape": list}``
-and a numpy scalar as ``{"__npgeneric__": True, "data": ..., "dtype": ...}``. Only plain numeric
+and a numpy scalar as ``{"__npgeneric__": True, "data": scalar.item(), "dtype": ...}``, as openpi
+sends it; a scalar whose data is its raw bytes (what dopr sent before) is read too. Only plain numeric
 and boolean dtypes are accepted: object arrays would need pickle, and decoding must never run
 code from the wire.
 
@@ -46,7 +47,7 @@ def _encode(obj: Any) -> Any:
         }
     if isinstance(obj, np.generic):
         _check_dtype(obj.dtype)
-        return {b"__npgeneric__": True, b"data": obj.tobytes(), b"dtype": obj.dtype.str}
+        return {b"__npgeneric__": True, b"data": obj.item(), b"dtype": obj.dtype.str}
     return obj
 
 
@@ -68,8 +69,13 @@ def _decode(obj: dict) -> Any:
     if b"__npgeneric__" in obj:
         try:
             dtype = _check_dtype(np.dtype(obj[b"dtype"]))
-            return np.frombuffer(obj[b"data"], dtype=dtype)[0]
-        except (KeyError, TypeError, IndexError) as err:
+            data = obj[b"data"]
+            if isinstance(data, bytes):
+                return np.frombuffer(data, dtype=dtype)[0]
+            if not isinstance(data, (bool, int, float)):
+                raise TypeError(f"scalar data of type {type(data).__name__}")
+            return dtype.type(data)
+        except (KeyError, TypeError, IndexError, OverflowError, ValueError) as err:
             raise ProtocolError(f"malformed numpy scalar entry: {err!r}") from None
     return obj
 

@@ -159,6 +159,7 @@ class PolicyRunner:
         self.ensembler = TemporalEnsembler(ensemble_decay) if ensemble_decay is not None else None
         self.n_predictions = 0  # chunk predictions since construction, for timing checks
         self.meta = meta or {}  # the exported file's or the server's metadata (control_freq, task, ...)
+        self.on_reset: Callable[[], None] | None = None  # e.g. tell a remote policy that an episode starts
         self.reset()
 
     @classmethod
@@ -174,9 +175,14 @@ class PolicyRunner:
 
     @classmethod
     def from_client(cls, client, ensemble_decay: float | None = None) -> "PolicyRunner":
-        """Drive a remote policy through a ``PolicyClient`` (its metadata gives keys and To)."""
+        """Drive a remote policy through a ``PolicyClient`` (its metadata gives keys and To).
+
+        The runner keeps the history and sends all To steps, to an openpi server too (which takes a
+        (To, ...) value as the whole history), so both protocols see the same observations."""
         meta = client.metadata
-        return cls(client.infer, meta["obs_keys"], meta["n_obs_steps"], meta.get("obs_dtypes"), ensemble_decay, meta)
+        runner = cls(client.infer, meta["obs_keys"], meta["n_obs_steps"], meta.get("obs_dtypes"), ensemble_decay, meta)
+        runner.on_reset = client.reset if hasattr(client, "reset") else None
+        return runner
 
     def reset(self) -> None:
         """Forget the episode: history, queued actions, ensembled chunks."""
@@ -184,6 +190,8 @@ class PolicyRunner:
         self._queue: deque[np.ndarray] = deque()
         if self.ensembler is not None:
             self.ensembler.reset()
+        if self.on_reset is not None:
+            self.on_reset()
 
     def _observe(self, obs: dict[str, np.ndarray]) -> None:
         missing = [k for k in self.obs_keys if k not in obs]

@@ -5,11 +5,15 @@ size, To/Ta, control rate). Each request is an observation dict with ``obs[key]`
 (To, *shape) — or (B, To, *shape) for a batch — in exactly the declared dtype; the reply holds the
 chunk (Ta, A) or (B, Ta, A). A request that is not valid (undecodable bytes, a text frame, a
 missing key, a wrong shape or dtype, non-finite values) gets ``{"type": "error"}`` naming what
-was wrong, and the connection and the server go on serving.
+was wrong, and the connection and the server go on serving. ``GET /healthz`` answers 200 "OK".
+
+``protocol="openpi"`` speaks openpi's variant instead (single steps, history per connection,
+``actions`` in the reply, text-frame errors; see openpi.py).
 """
 
 from __future__ import annotations
 
+import http
 import logging
 import threading
 import time
@@ -24,6 +28,16 @@ from dopr.deploy.protocol import PROTOCOL_VERSION, ProtocolError, packb, unpackb
 log = logging.getLogger("dopr.deploy.server")
 
 MAX_MESSAGE_BYTES = 64 * 2**20  # a batch of images fits; a runaway client does not take the memory
+
+
+PROTOCOLS = ("native", "openpi")
+
+
+def _health_check(connection: ServerConnection, request):
+    """``GET /healthz`` -> 200 "OK" (what openpi's server answers); other paths go on to the websocket."""
+    if request.path == "/healthz":
+        return connection.respond(http.HTTPStatus.OK, "OK\n")
+    return None
 
 
 class BadRequest(ValueError):
@@ -79,14 +93,27 @@ class PolicyServer:
     """
 
     def __init__(self, model: Callable[[dict[str, np.ndarray]], np.ndarray], meta: dict,
-                 host: str = "127.0.0.1", port: int = 8000):
+                 host: str = "127.0.0.1", port: int = 8000, protocol: str = "native",
+                 renames: dict[str, str] | None = None):
+        from dopr.deploy.openpi import openpi_metadata
+
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol {protocol!r} is not one of {PROTOCOLS}")
+        if renames and protocol != "openpi":
+            raise ValueError("key renames are part of the openpi protocol (protocol='openpi')")
+        unknown = sorted(set((renames or {}).values()) - set(meta["obs_keys"]))
+        if unknown:
+            raise ValueError(f"renames name {unknown}, which are not observation keys of the policy {meta['obs_keys']}")
         self.model = model
         self.meta = dict(meta)
-        self.metadata_message = packb({"type": "metadata", "protocol": PROTOCOL_VERSION, **self.meta})
+        self.protocol, self.renames = protocol, dict(renames or {})
+        self.metadata_message = packb(openpi_metadata(self.meta, self.renames) if protocol == "openpi" else
+                                      {"type": "metadata", "protocol": PROTOCOL_VERSION, **self.meta})
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         # compression off: the payload is mostly float bytes, and deflate costs latency
-        self._server: Server = serve(self._handle, host, port, compression=None, max_size=MAX_MESSAGE_BYTES)
+        self._server: Server = serve(self._handle, host, port, compression=None, max_size=MAX_MESSAGE_BYTES,
+                                     process_request=_health_check)
 
     @property
     def port(self) -> int:
@@ -97,8 +124,7 @@ class PolicyServer:
         start = time.perf_counter()
         try:
             obs, batched = validate_observation(unpackb(message), self.meta)
-            with self._lock:
-                action = np.asarray(self.model(obs), dtype=np.float32)
+            action = np.asarray(self._infer(obs), dtype=np.float32)
             reply = {"type": "action", "action": action if batched else action[0],
                      "server_ms": 1e3 * (time.perf_counter() - start)}
         except (ProtocolError, BadRequest) as err:
@@ -108,11 +134,19 @@ class PolicyServer:
             reply = {"type": "error", "error": f"policy failed: {type(err).__name__}: {err}"}
         return packb(reply)
 
+    def _infer(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        with self._lock:
+            return self.model(obs)
+
     def _handle(self, connection: ServerConnection) -> None:
+        from dopr.deploy.openpi import OpenpiSession
+
+        # openpi: a new connection is a new episode (an empty history)
+        session = OpenpiSession(self.meta, self.renames) if self.protocol == "openpi" else None
         try:
             connection.send(self.metadata_message)
             for message in connection:
-                connection.send(self.answer(message))
+                connection.send(self.answer(message) if session is None else session.answer(message, self._infer))
         except ConnectionClosed:
             pass
 

@@ -11,6 +11,20 @@ from torch import nn
 _EPS = 1e-4
 
 
+def module_name(key: str) -> str:
+    """A data key as a submodule name: torch forbids '.' there, and LeRobot's keys have it
+    (observation.state); keys without a dot keep their state-dict names."""
+    return key.replace(".", "-")
+
+
+def module_dict(modules: dict[str, nn.Module]) -> nn.ModuleDict:
+    """nn.ModuleDict of modules named by data key (see module_name); index it with module_name(key)."""
+    names = [module_name(k) for k in modules]
+    if len(set(names)) != len(names):
+        raise ValueError(f"keys {sorted(modules)} give the same module name once '.' is written '-'")
+    return nn.ModuleDict(dict(zip(names, modules.values())))
+
+
 class _Affine(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
@@ -29,12 +43,14 @@ class Normalizer(nn.Module):
     def __init__(self, dims: dict[str, int], stats: dict | None = None, mode: str = "limits"):
         super().__init__()
         self.mode = mode
-        self.params = nn.ModuleDict({key: _Affine(dim) for key, dim in dims.items()})
+        self.keys = list(dims)
+        self.params = module_dict({key: _Affine(dim) for key, dim in dims.items()})
         if stats is not None:
             self.set_stats(stats)
 
     def set_stats(self, stats: dict) -> None:
-        for key, affine in self.params.items():
+        for key in self.keys:
+            affine = self.params[module_name(key)]
             if key not in stats:
                 raise KeyError(f"normalizer: no statistics for key {key!r} (have {sorted(stats)})")
             s = {name: np.asarray(v, dtype=np.float64).reshape(-1) for name, v in stats[key].items()}
@@ -58,9 +74,9 @@ class Normalizer(nn.Module):
             affine.offset.copy_(torch.as_tensor(offset, dtype=torch.float32))
 
     def normalize(self, key: str, x: torch.Tensor) -> torch.Tensor:
-        p = self.params[key]
+        p = self.params[module_name(key)]
         return x * p.scale + p.offset
 
     def unnormalize(self, key: str, y: torch.Tensor) -> torch.Tensor:
-        p = self.params[key]
+        p = self.params[module_name(key)]
         return (y - p.offset) / p.scale

@@ -7,7 +7,7 @@ from torch import nn
 
 from dopr.policies.config import PolicyConfig
 from dopr.policies.image_encoder import ImageEncoder
-from dopr.policies.normalizer import Normalizer
+from dopr.policies.normalizer import Normalizer, module_dict, module_name
 
 
 class ObsEncoder(nn.Module):
@@ -22,7 +22,7 @@ class ObsEncoder(nn.Module):
     def __init__(self, config: PolicyConfig):
         super().__init__()
         self.config = config
-        self.image_encoders = nn.ModuleDict(
+        self.image_encoders = module_dict(
             {
                 key: ImageEncoder(config.obs_shapes[key], config.image_feature_dim, config.image_channels, config.crop_ratio)
                 for key in config.image_keys
@@ -44,8 +44,8 @@ class ObsEncoder(nn.Module):
                 raise ValueError(f"observation {key!r} has {x.shape[1]} steps, the policy needs To = {cfg.n_obs_steps}")
             x = x[:, -cfg.n_obs_steps :]  # callers may pass a longer window (a dataset window of Tp steps)
             batch = x.shape[0]
-            if key in self.image_encoders:
-                feats = self.image_encoders[key](x.reshape(-1, *x.shape[2:])).reshape(batch, cfg.n_obs_steps, -1)
+            if key in cfg.image_keys:
+                feats = self.image_encoders[module_name(key)](x.reshape(-1, *x.shape[2:])).reshape(batch, cfg.n_obs_steps, -1)
             else:
                 feats = normalizer.normalize(key, x.float().reshape(batch, cfg.n_obs_steps, -1))
             parts.append(feats)

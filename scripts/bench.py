@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import importlib
 
-# benchmark -> module with `main(argv) -> int`
+# benchmark -> module with `main(argv) -> int`, or "module:function" for another function of that signature
 BENCHMARKS = {
     "optim": "dopr.optim.bench",
     "data": "dopr.data.bench",
+    "lerobot": "dopr.data.bench:main_lerobot",
     "collect": "dopr.envs.bench",
     "train": "dopr.policies.bench",
     "eval": "dopr.eval.bench",
@@ -19,7 +20,7 @@ BENCHMARKS = {
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "bench",
-        help="speed/memory benchmarks (optim, data, collect, train, eval, serve)",
+        help="speed/memory benchmarks (optim, data, lerobot, collect, train, eval, serve)",
         description="Run a benchmark; every benchmark prints ratios measured side by side in one run. "
         "Pass the benchmark's own options after its name (`dopr bench optim --help`).",
     )
@@ -29,5 +30,5 @@ def add_parser(sub) -> None:
 
 
 def main(args) -> int:
-    module = importlib.import_module(BENCHMARKS[args.what])
-    return int(module.main(args.rest) or 0)
+    module, _, function = BENCHMARKS[args.what].partition(":")
+    return int(getattr(importlib.import_module(module), function or "main")(args.rest) or 0)

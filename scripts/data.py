@@ -1,4 +1,5 @@
-"""`dopr data info|import-robomimic|check-replay`: look into, import and verify episode stores."""
+"""`dopr data info|import-robomimic|import-lerobot|export-lerobot|split|check-replay`: look into, import, export
+and verify episode stores."""
 
 from __future__ import annotations
 
@@ -24,14 +25,39 @@ def add_parser(sub) -> None:
     info.add_argument("--images", action="store_true", help="also compute statistics of image keys (slow)")
     info.set_defaults(action=main_info)
 
-    imp = cmds.add_parser("import-robomimic", help="convert a robomimic hdf5 dataset to an episode store",
-                          description="Convert robomimic's hdf5 (data/demo_N/{obs/*, actions, states, rewards, "
-                          "dones}) to a store: keys action, state, reward, done and every obs key; "
-                          "mask/train and mask/valid become the store's split.")
-    imp.add_argument("hdf5", help="robomimic dataset file (.hdf5)")
-    imp.add_argument("out", help="the store to write (.zarr folder; must not exist unless --overwrite)")
-    imp.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    imp.set_defaults(action=main_import)
+    _add_import(cmds, "import-robomimic", main_import, ("hdf5", "robomimic dataset file (.hdf5)"),
+                help="convert a robomimic hdf5 dataset to an episode store",
+                description="Convert robomimic's hdf5 (data/demo_N/{obs/*, actions, states, rewards, "
+                "dones}) to a store: keys action, state, reward, done and every obs key; "
+                "mask/train and mask/valid become the store's split.")
+    lri = _add_import(cmds, "import-lerobot", main_import_lerobot,
+                      ("root", "the LeRobot dataset folder (the one holding meta/info.json)"),
+                      help="convert a local LeRobotDataset (v3.0 or v2.1) folder to a store",
+                      description="Convert a LeRobotDataset folder (meta/info.json, data/chunk-*/file-*.parquet, "
+                      "meta/episodes/..., videos/<key>/chunk-*/file-*.mp4; v2.1's per-episode files too) to a "
+                      "store. Episode boundaries are kept exactly; camera frames (AV1, H.264, HEVC) are decoded "
+                      "with PyAV and matched to rows by timestamp; observation.images.* become uint8 (T, H, W, 3) "
+                      "arrays; numeric features keep their names and dtypes. Needs the extra: "
+                      'pip install -e ".[lerobot]".')
+    lri.add_argument("--tolerance-s", type=float, default=1e-4,
+                     help="largest gap between a row's timestamp and its video frame (default 1e-4 s, lerobot's)")
+
+    lre = cmds.add_parser("export-lerobot", help="write a store as a LeRobotDataset v3.0 folder",
+                          description="Write the store as a LeRobotDataset v3.0 folder that lerobot's "
+                          "LeRobotDataset(repo_id, root=ROOT) loads: parquet data and episode metadata, stats, tasks "
+                          "and one video per camera key holding several episodes per mp4. Keys: the action -> action, "
+                          "camera k -> observation.images.k, observation k -> observation.k, reward/done -> "
+                          "next.reward/next.done. meta/dopr.json keeps the store's names and attrs, so "
+                          "import-lerobot gives the store back. Needs the extra: pip install -e \".[lerobot]\".")
+    lre.add_argument("store", help="the store (a .zarr folder)")
+    lre.add_argument("root", help="the folder to write (must not exist unless --overwrite)")
+    lre.add_argument("--fps", type=int, default=None, help="frame rate (default: the store's attrs['control_freq'])")
+    lre.add_argument("--vcodec", default="libsvtav1", choices=["libsvtav1", "h264", "hevc"],
+                     help="video codec (default libsvtav1: AV1, what lerobot writes)")
+    lre.add_argument("--task", default=None,
+                     help="language instruction of every episode (default: the store's attrs['task'])")
+    lre.add_argument("--overwrite", action="store_true", help="replace ROOT if it exists")
+    lre.set_defaults(action=main_export_lerobot)
 
     spl = cmds.add_parser("split", help="record a seeded episode-level train/val split in the store's attrs",
                           description="Draw a seeded train/validation split over the store's episodes and record "
@@ -51,6 +77,16 @@ def add_parser(sub) -> None:
     rep.add_argument("--episodes", type=int, default=None, help="check only the first N episodes (default: all)")
     rep.add_argument("--task", default=None, help="task name (default: the store's attrs['task'])")
     rep.set_defaults(action=main_check_replay)
+
+
+def _add_import(cmds, name: str, action, source: tuple[str, str], **texts):
+    """A `dopr data import-*` subcommand: SOURCE OUT [--overwrite]."""
+    p = cmds.add_parser(name, **texts)
+    p.add_argument(source[0], help=source[1])
+    p.add_argument("out", help="the store to write (.zarr folder; must not exist unless --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(action=action)
+    return p
 
 
 def main(args) -> int:
@@ -114,6 +150,29 @@ def main_import(args) -> int:
 
     store = import_robomimic(args.hdf5, args.out, overwrite=args.overwrite)
     print(f"wrote {store.path}: {store.n_episodes} episodes, {store.n_steps} steps, keys {', '.join(store.keys)}")
+    return 0
+
+
+def main_import_lerobot(args) -> int:
+    from dopr.data.lerobot_import import import_lerobot
+
+    try:
+        store = import_lerobot(args.root, args.out, overwrite=args.overwrite, tolerance_s=args.tolerance_s)
+    except (ValueError, OSError) as err:  # EpisodeStoreError is a ValueError: it names the file and key
+        raise SystemExit(f"dopr data import-lerobot: error: {err}") from None
+    print(f"wrote {store.path}: {store.n_episodes} episodes, {store.n_steps} steps, keys {', '.join(store.keys)}")
+    return 0
+
+
+def main_export_lerobot(args) -> int:
+    from dopr.data.lerobot_export import export_lerobot
+
+    try:
+        root = export_lerobot(args.store, args.root, fps=args.fps, vcodec=args.vcodec, task=args.task,
+                              overwrite=args.overwrite)
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"dopr data export-lerobot: error: {err}") from None
+    print(f"wrote {root}: LeRobotDataset v3.0 (load with lerobot's LeRobotDataset('local/{root.name}', root='{root}'))")
     return 0
 
 

@@ -16,20 +16,12 @@ from dopr.deploy.protocol import packb
 from dopr.deploy.runtime import PolicyRunner
 from dopr.deploy.server import PolicyServer
 from dopr.policies import PolicyConfig, build_policy, load_policy, save_checkpoint
-
-OBS_SHAPES = {"robot0_eef_pos": [3], "object": [5]}
+from dopr.tests.deploy_helpers import OBS_SHAPES, small_mlp_checkpoint
 
 
 @pytest.fixture(scope="module")
 def mlp_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    cfg = PolicyConfig(kind="mlp", obs_shapes=OBS_SHAPES, action_dim=3, n_obs_steps=2, horizon=6, n_action_steps=3,
-                       mlp_hidden_dim=32)
-    stats = {k: {"min": rng.uniform(-2, -1, d), "max": rng.uniform(1, 2, d), "mean": np.zeros(d), "std": np.ones(d)}
-             for k, d in {"robot0_eef_pos": 3, "object": 5, "action": 3}.items()}
-    return save_checkpoint(tmp_path_factory.mktemp("srv") / "mlp", build_policy(cfg, stats),
-                           meta={"step": 1, "task": "lift", "control_freq": 20.0})
+    return small_mlp_checkpoint(tmp_path_factory.mktemp("srv") / "mlp")
 
 
 @pytest.fixture(scope="module")
