@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dopr.data.atomic import atomic_path
+from dopr.atomic import atomic_path
 from dopr.deploy.runtime import META_KEY, NOISE_INPUT
 
 FORMATS = ("torchscript", "onnx")

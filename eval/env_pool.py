@@ -21,7 +21,7 @@ from multiprocessing.connection import wait as wait_connections
 
 import numpy as np
 
-from dopr.data.atomic import atomic_path
+from dopr.atomic import atomic_path
 
 STARTUP_TIMEOUT_S = 180.0  # a worker imports numpy, mujoco and the task's simulator before its first ping
 VIDEO_SIZE = 256  # pixels, when the evaluator renders the scene itself

@@ -19,7 +19,7 @@ import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
-from dopr.data.atomic import atomic_path, read_jsonl, write_json_atomic, write_text_atomic
+from dopr.atomic import atomic_path, read_jsonl, write_json_atomic, write_text_atomic
 from dopr.eval.metrics import spearman, wilson_interval
 from dopr.eval.results import COMPOUNDING_FILE, RESULTS_FILE
 

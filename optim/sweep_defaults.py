@@ -21,7 +21,7 @@ import argparse
 import math
 import time
 
-from dopr.data.atomic import write_json_atomic
+from dopr.atomic import write_json_atomic
 
 
 def make_demos(n_demos: int, steps: int, seed: int, obs_dim: int = 19, act_dim: int = 7):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dopr.data.atomic import write_json_atomic
+from dopr.atomic import write_json_atomic
 from dopr.policies.config import PolicyConfig
 from dopr.policies.mlp_policy import MLPPolicy
 from dopr.policies.policy import Policy

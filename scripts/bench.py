@@ -10,7 +10,7 @@ BENCHMARKS = {
     "optim": "dopr.optim.bench",
     "data": "dopr.data.bench",
     "collect": "dopr.envs.bench",
-    "train": "dopr.policies.bench",
+    "train": "dopr.train.bench",
     "eval": "dopr.eval.bench",
     "serve": "dopr.deploy.bench",
 }

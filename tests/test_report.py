@@ -20,7 +20,7 @@ def runs(tmp_path_factory):
     """Two tiny real training runs, every checkpoint evaluated closed-loop, one compounding-error curve."""
     from dopr.envs.collect import CollectConfig, collect
     from dopr.eval import evaluate_checkpoint, measure_compounding_error
-    from dopr.scripts.train import TrainConfig, train
+    from dopr.train import TrainConfig, train
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("report")

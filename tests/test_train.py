@@ -158,7 +158,7 @@ def test_ddp_two_processes_match_one(store, tmp_path):
 def test_step_batches_are_a_function_of_the_step():
     import numpy as np
 
-    from dopr.scripts.train import StepBatches
+    from dopr.train.batches import StepBatches
 
     a, b = StepBatches(100, 32, seed=5), StepBatches(100, 32, seed=5)
     seen = np.concatenate([a(s) for s in range(25)])  # 800 samples = 8 epochs
