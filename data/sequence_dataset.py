@@ -64,7 +64,7 @@ class SequenceDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         single = np.ndim(index) == 0
         windows = self.sampler.sample_batch([index] if single else index)
-        def convert(x):  # noqa: E306
+        def convert(x):
             x = torch.from_numpy(np.ascontiguousarray(x))
             x = x if x.dtype == torch.uint8 else x.float()
             return x[0] if single else x

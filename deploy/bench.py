@@ -183,13 +183,15 @@ def main(argv: list[str] | None = None) -> int:
         if form == "checkpoint":
             paths[form] = ckpt
         elif form in ("torchscript", "onnx"):
-            paths[form] = export_checkpoint(ckpt, out / f"{ckpt.name}.{'pt' if form == 'torchscript' else 'onnx'}", form)
+            suffix = "pt" if form == "torchscript" else "onnx"
+            paths[form] = export_checkpoint(ckpt, out / f"{ckpt.name}.{suffix}", form)
         else:
             raise SystemExit(f"unknown form {form!r}; choose from checkpoint, torchscript, onnx")
 
     print(f"policy {ckpt}; {args.requests} requests per client after {args.warmup} warm-up; "
           f"server threads {args.threads}; loopback 127.0.0.1")
-    header = f"{'form':<12} {'in-proc p50':>11} {'p50 ms':>8} {'p99 ms':>8} {'req/s 1c':>9} {'req/s 4c':>9} {'p99 4c':>8}"
+    header = (f"{'form':<12} {'in-proc p50':>11} {'p50 ms':>8} {'p99 ms':>8} {'req/s 1c':>9} {'req/s 4c':>9} "
+              f"{'p99 4c':>8}")
     print(header)
     results = {}
     for form, path in paths.items():

@@ -77,7 +77,7 @@ def _init_worker(task: str, obs: str, horizon: int | None, image_size: int, nois
         from dopr.envs import tasks
 
         _worker["env"] = tasks.make(task, obs=obs, horizon=horizon, image_size=image_size)
-    except Exception as err:  # noqa: BLE001 -- a raising Pool initializer respawns forever;
+    except Exception as err:  # a raising Pool initializer respawns forever;
         _worker["error"] = err  # report it with the first episode instead
 
 

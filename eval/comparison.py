@@ -145,25 +145,21 @@ def paired_comparison(treatment: Cell, baseline: Cell) -> PairedComparison | Non
 
 def cells_from_runs(run_dirs: list[str]) -> list[Cell]:
     """One cell per (task, policy, configuration) from the runs' evaluated final checkpoints, in run order."""
-    import json
-    from pathlib import Path
-
-    from dopr.eval.report import configuration_name
-    from dopr.eval.results import RESULTS_FILE, read_episodes
-    from dopr.policies import load_checkpoint_meta
+    from dopr.eval.runs import is_run_folder, read_run_record
 
     cells: dict[tuple, Cell] = {}
-    for run in map(Path, run_dirs):
-        final = run / "ckpt-final"
-        if not (final / "eval" / RESULTS_FILE).exists() or not (run / "config.json").exists():
-            continue  # not a finished `dopr train` run
-        cfg = json.loads((run / "config.json").read_text())
-        meta = load_checkpoint_meta(final)
-        key = (meta.get("task"), cfg.get("policy"), configuration_name(cfg))
-        cell = cells.setdefault(key, Cell(*key, optimizer=cfg.get("optim", ""), lr=cfg.get("lr")))
-        episodes = read_episodes(str(final / "eval"))
-        cell.seeds.append(SeedResult(seed=cfg.get("seed"), success={int(e["seed"]): bool(e["success"]) for e in episodes},
-                                     val_loss=meta.get("val_loss"), step=int(meta["step"])))
+    for run_dir in run_dirs:
+        if not is_run_folder(run_dir):
+            continue  # not (yet) a `dopr train` run
+        run = read_run_record(run_dir)
+        final = run.final
+        if final is None or final.results is None:
+            continue  # not finished, or not evaluated
+        key = (final.meta.task, run.policy, run.configuration)
+        cell = cells.setdefault(key, Cell(*key, optimizer=run.optim, lr=run.lr))
+        success = {int(e["seed"]): bool(e["success"]) for e in final.episodes()}
+        cell.seeds.append(SeedResult(seed=run.seed, success=success, val_loss=final.meta.val_loss,
+                                     step=final.meta.step))
     return list(cells.values())
 
 
@@ -174,7 +170,8 @@ def dopr_pairs(cells: list[Cell]) -> list[tuple[Cell, Cell]]:
     for t in cells:
         if not t.optimizer.startswith("dopr-"):
             continue
-        bases = [b for b in cells if (b.task, b.policy, b.optimizer) == (t.task, t.policy, t.optimizer.removeprefix("dopr-"))]
+        base_key = (t.task, t.policy, t.optimizer.removeprefix("dopr-"))
+        bases = [b for b in cells if (b.task, b.policy, b.optimizer) == base_key]
         if bases:
             pairs.append((t, next((b for b in bases if b.lr == t.lr), bases[0])))
     return pairs
@@ -216,7 +213,8 @@ def comparisons(cells: list[Cell]) -> list[tuple[str, str, PairedComparison]]:
 def comparison_table(cells: list[Cell]) -> str:
     """Markdown: one row per cell, then one row per paired comparison of a DoPr configuration with its
     base optimizer (and, where the same two were compared on several tasks, one row over all of them)."""
-    lines = ["| task | policy | optimizer | seeds | episodes/seed | success mean (sd) | pooled 95% CI | val loss mean (sd) |",
+    lines = ["| task | policy | optimizer | seeds | episodes/seed | success mean (sd) | pooled 95% CI "
+             "| val loss mean (sd) |",
              "|---|---|---|---|---|---|---|---|"]
     for c in sorted(cells, key=lambda c: (c.task, c.policy, c.optim)):
         rm, rs = mean_sd(c.rates())

@@ -16,7 +16,8 @@ import os
 
 import numpy as np
 
-from dopr.eval.results import COMPOUNDING_FILE, write_json_atomic
+from dopr.atomic import write_json_atomic
+from dopr.eval.results import COMPOUNDING_FILE
 
 
 def compounding_error_curve(action_errors) -> dict:

@@ -112,12 +112,12 @@ class _EpisodeRunner:
         try:
             try:
                 frame = self.env.render()
-            except Exception as err:  # noqa: BLE001 - e.g. an env made without an offscreen renderer
+            except Exception as err:  # e.g. an env made without an offscreen renderer
                 first, frame = err, None
             if frame is None:
                 frame = self._render_scene()
             self.frames.append(np.asarray(frame, dtype=np.uint8))
-        except Exception as err:  # noqa: BLE001 - a video is optional; the episode goes on
+        except Exception as err:  # a video is optional; the episode goes on
             why = f"env.render() raised {type(first).__name__}: {first}; " if first is not None else ""
             self.video_error = f"rendering failed: {why}{type(err).__name__}: {err}"
             self.frames = None
@@ -194,7 +194,7 @@ class _EpisodeRunner:
             with atomic_path(path) as tmp:
                 imageio.mimwrite(tmp, self.frames, fps=fps, macro_block_size=1)
             return path
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             self.video_error = f"writing the video failed: {type(err).__name__}: {err}"
             return None
 
@@ -206,7 +206,7 @@ def _worker_main(conn, spec: EnvSpec) -> None:
     try:
         # build the env before reporting ready: episode deadlines and rates then count stepping only
         runner.build()
-    except Exception:  # noqa: BLE001 - the task cannot be built at all: a configuration error
+    except Exception:  # the task cannot be built at all: a configuration error
         conn.send(("fatal", traceback.format_exc()))
         return
     while True:
@@ -230,7 +230,7 @@ def _worker_main(conn, spec: EnvSpec) -> None:
             else:
                 raise ValueError(f"unknown command {cmd!r}")
             conn.send(("ok", result))
-        except Exception:  # noqa: BLE001 - report to the main process, which records the episode
+        except Exception:  # report to the main process, which records the episode
             conn.send(("error", traceback.format_exc()))
 
 
@@ -241,11 +241,10 @@ def _worker_main(conn, spec: EnvSpec) -> None:
 class EnvPool:
     """N worker processes, each holding one environment.
 
-    `request(commands, deadlines)` sends one command to each named worker and gathers the replies;
-    `send(i, cmd)` and `receive(deadlines)` do the same one worker at a time, so the caller can
-    act on whichever worker answers first. A worker that dies or does not answer in time is killed,
-    restarted, and reported as a `WorkerFault` in place of its reply, so the caller can record the
-    episode and go on.
+    `send(i, cmd)` sends a command to one worker and `receive(deadlines)` returns the replies of
+    whichever workers answer first, so the caller acts on each as soon as it answers. A worker that
+    dies or does not answer in time is killed, restarted, and reported as a `WorkerFault` in place of
+    its reply, so the caller can record the episode and go on.
     """
 
     def __init__(self, n_workers: int, spec: EnvSpec, startup_timeout_s: float = STARTUP_TIMEOUT_S):
@@ -267,10 +266,6 @@ class EnvPool:
 
     def __len__(self) -> int:
         return len(self.procs)
-
-    @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self.procs]
 
     def _start(self, i: int) -> None:
         parent, child = self.ctx.Pipe(duplex=True)
@@ -313,30 +308,12 @@ class EnvPool:
         self._wait_ready([i])
         self.n_restarts += 1
 
-    def request(self, commands: dict[int, tuple], deadlines: dict[int, float]) -> dict:
-        """Send commands[i] to worker i; return {i: reply payload or WorkerFault} once all answered.
-
-        deadlines[i] is the time.monotonic() by which worker i must answer.
-        """
-        replies: dict = {}
-        for i, cmd in commands.items():
-            fault = self.send(i, cmd)
-            if fault is not None:
-                replies[i] = fault
-        waiting = {i: deadlines[i] for i in commands if i not in replies}
-        while waiting:
-            got = self.receive(waiting)
-            for i in got:
-                del waiting[i]
-            replies.update(got)
-        return replies
-
     def send(self, i: int, cmd: tuple) -> WorkerFault | None:
         """Send one command to worker i without waiting; a WorkerFault if the worker is gone."""
         try:
             self.conns[i].send(cmd)
         except (BrokenPipeError, EOFError, OSError) as err:
-            return self._fault(i, f"worker {i} (pid {self.procs[i].pid}) is gone: {err!r}")
+            return self._died(i, err)
         return None
 
     def receive(self, deadlines: dict[int, float]) -> dict:
@@ -351,9 +328,7 @@ class EnvPool:
                 try:
                     status, payload = conn.recv()
                 except (EOFError, OSError) as err:
-                    code = self._exitcode(i)
-                    replies[i] = self._fault(
-                        i, f"worker {i} (pid {self.procs[i].pid}) died (exit code {code}): {err!r}")
+                    replies[i] = self._died(i, err)
                     continue
                 if status == "ok":
                     replies[i] = payload
@@ -365,6 +340,11 @@ class EnvPool:
                     del waiting[conn]
                     replies[i] = self._fault(i, f"worker {i} (pid {self.procs[i].pid}) timed out")
         return replies
+
+    def _died(self, i: int, err: Exception) -> WorkerFault:
+        """The pipe to worker i broke. Whether the send or the receive noticed first is a race (a worker
+        killed mid-command), so both report the same: the process, waited for briefly, and its exit code."""
+        return self._fault(i, f"worker {i} (pid {self.procs[i].pid}) died (exit code {self._exitcode(i)}): {err!r}")
 
     def _exitcode(self, i: int):
         self.procs[i].join(timeout=2)

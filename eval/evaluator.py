@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 
 import numpy as np
 
+from dopr.atomic import write_json_atomic
 from dopr.eval.env_pool import EnvPool, EnvSpec, Episode, WorkerFault
 from dopr.eval.metrics import success_stats
 from dopr.eval.results import (
@@ -34,7 +35,6 @@ from dopr.eval.results import (
     EpisodeLog,
     EvalResult,
     library_versions,
-    write_json_atomic,
 )
 
 DEFAULT_SEED_BASE = 100_000  # far from the seeds demonstrations are collected with (0, 1, ...)

@@ -177,7 +177,8 @@ def run_experiment(cfg: ExperimentConfig) -> str:
                             configuration=configuration.name, steps=cfg.steps[policy], seed=seed,
                             batch_size=cfg.batch_size, down_dims=cfg.down_dims, threads=cfg.threads,
                             # the configuration's own settings, else the experiment's flags of the same name
-                            **{key: configuration.setting(key, getattr(cfg, key)) for key in SETTINGS}, val_every=cfg.eval_every, ckpt_every=cfg.eval_every,
+                            **{key: configuration.setting(key, getattr(cfg, key)) for key in SETTINGS},
+                            val_every=cfg.eval_every, ckpt_every=cfg.eval_every,
                             eval_every=cfg.eval_every, eval_episodes=cfg.eval_episodes, eval_workers=cfg.workers,
                             eval_horizon=cfg.horizon, resume=resume, progress=bars,
                         ))

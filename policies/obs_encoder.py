@@ -24,7 +24,8 @@ class ObsEncoder(nn.Module):
         self.config = config
         self.image_encoders = nn.ModuleDict(
             {
-                key: ImageEncoder(config.obs_shapes[key], config.image_feature_dim, config.image_channels, config.crop_ratio)
+                key: ImageEncoder(config.obs_shapes[key], config.image_feature_dim, config.image_channels,
+                                  config.crop_ratio)
                 for key in config.image_keys
             }
         )
@@ -38,7 +39,8 @@ class ObsEncoder(nn.Module):
         batch = None
         for key in cfg.obs_shapes:
             if key not in obs:
-                raise KeyError(f"observation key {key!r} missing (policy expects {list(cfg.obs_shapes)}, got {sorted(obs)})")
+                raise KeyError(f"observation key {key!r} missing (policy expects {list(cfg.obs_shapes)}, "
+                               f"got {sorted(obs)})")
             x = obs[key]
             if x.shape[1] < cfg.n_obs_steps:
                 raise ValueError(f"observation {key!r} has {x.shape[1]} steps, the policy needs To = {cfg.n_obs_steps}")

@@ -26,7 +26,8 @@ class UnetPolicy(Policy):
             raise ValueError(f"UnetPolicy objective must be 'diffusion' or 'flow', got {config.kind!r}")
         factor = 2 ** (len(config.down_dims) - 1)
         if config.horizon % factor:
-            raise ValueError(f"horizon Tp = {config.horizon} must be divisible by {factor} for down_dims {config.down_dims}")
+            raise ValueError(f"horizon Tp = {config.horizon} must be divisible by {factor} for down_dims "
+                             f"{config.down_dims}")
         self.model = ConditionalUnet1D(
             input_dim=config.action_dim,
             global_cond_dim=self.obs_encoder.output_dim,

@@ -25,7 +25,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed-base", type=int, default=100_000, help="episode i uses seed SEED_BASE+i (default 100000)")
     p.add_argument("--init", choices=("random", "demos"), default="random",
                    help="initial states: seeded random (default) or the demonstrations' first states (needs --demos)")
-    p.add_argument("--demos", default=None, help="episode store (.zarr) for --init demos, --horizon-mult and --compounding-error")
+    p.add_argument("--demos", default=None,
+                   help="episode store (.zarr) for --init demos, --horizon-mult and --compounding-error")
     horizon = p.add_mutually_exclusive_group()
     horizon.add_argument("--horizon", type=int, default=None, help="episode length limit (default: the task's horizon)")
     horizon.add_argument("--horizon-mult", type=float, default=None,
@@ -50,16 +51,21 @@ def add_parser(sub) -> None:
 
 def main(args) -> int:
     import json
+    import os
     import sys
+
+    import torch
 
     from dopr.envs import task_spec
     from dopr.eval.compounding_error import measure_compounding_error
-    from dopr.eval.evaluator import CheckpointMismatch, checkpoint_task, demo_initial_states, evaluate_checkpoint, resolve_horizon
+    from dopr.eval.evaluator import (
+        CheckpointMismatch,
+        checkpoint_task,
+        demo_initial_states,
+        evaluate_checkpoint,
+        resolve_horizon,
+    )
     from dopr.policies import CheckpointError, load_checkpoint_meta
-
-    import os
-
-    import torch
 
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - args.workers))
     try:

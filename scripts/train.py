@@ -35,6 +35,7 @@ def main(args) -> int:
 
 
 if __name__ == "__main__":  # torchrun -m dopr.scripts.train ...
-    parser = argparse.ArgumentParser(prog="python -m dopr.scripts.train", description="dopr train (see `dopr train --help`)")
+    parser = argparse.ArgumentParser(prog="python -m dopr.scripts.train",
+                                     description="dopr train (see `dopr train --help`)")
     add_options(parser, TrainConfig)
     sys.exit(main(parser.parse_args()))

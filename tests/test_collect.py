@@ -155,7 +155,7 @@ def test_killed_collector_resumes_without_losing_or_repeating_episodes(tmp_path)
                 try:
                     if EpisodeStore.open(out).n_episodes >= 4:
                         break
-                except Exception:  # noqa: BLE001 -- caught between the store's creation steps
+                except Exception:  # caught between the store's creation steps
                     pass
         proc.send_signal(signal.SIGKILL)
     finally:

@@ -207,7 +207,8 @@ def test_closed_loop_through_the_server_matches_direct_evaluation(tmp_path):
 def test_served_diffusion_checkpoint_draws_noise_from_the_seeded_generator(tmp_path):
     """`dopr serve CKPT --seed S` on a generative policy answers what predict_action(generator(S)) gives."""
     torch.manual_seed(0)
-    cfg = PolicyConfig(kind="diffusion", obs_shapes=OBS_SHAPES, action_dim=3, n_obs_steps=2, horizon=8, n_action_steps=3,
+    cfg = PolicyConfig(kind="diffusion", obs_shapes=OBS_SHAPES, action_dim=3, n_obs_steps=2, horizon=8,
+                       n_action_steps=3,
                        down_dims=[16, 32], timestep_embed_dim=16, n_groups=4, num_inference_steps=4, sampler="ddpm")
     ckpt = save_checkpoint(tmp_path / "diff", build_policy(cfg), meta={"task": "lift", "control_freq": 20.0})
     obs = valid_obs(np.random.default_rng(6), batch=2)

@@ -18,7 +18,8 @@ def experiment(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("experiment")
     cfg = ExperimentConfig(tasks=["reacher"], policies=["mlp"], optims=[DOPR_CONFIG, ADAMW_CONFIG], seeds=2, demos=6,
-                           steps={"mlp": 40}, eval_every=20, eval_episodes=3, compounding_episodes=2, workers=1, batch_size=32,
+                           steps={"mlp": 40}, eval_every=20, eval_episodes=3, compounding_episodes=2, workers=1,
+                           batch_size=32,
                            out=str(out))
     table = run_experiment(cfg)
     return cfg, table
@@ -38,7 +39,8 @@ def test_experiment_table_has_every_cell_and_the_paired_comparison(experiment):
         train_cfg = json.loads(open(os.path.join(cfg.out, "runs", run, "config.json")).read())
         assert train_cfg["lr"] == 1e-3, run
         if run.startswith("reacher-mlp-dopr-adamw_damping0.3_lr1e-3-s"):
-            assert (train_cfg["optim"], train_cfg["damping"], train_cfg["configuration"]) == ("dopr-adamw", 0.3, DOPR_CONFIG)
+            assert (train_cfg["optim"], train_cfg["damping"]) == ("dopr-adamw", 0.3)
+            assert train_cfg["configuration"] == DOPR_CONFIG
         else:
             assert run.startswith("reacher-mlp-adamw_lr1e-3-s"), run
             assert (train_cfg["optim"], train_cfg["configuration"]) == ("adamw", ADAMW_CONFIG)

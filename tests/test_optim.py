@@ -13,6 +13,7 @@ from torch import nn
 
 from dopr.optim import DoPr, build, warmup_cosine, warmup_cosine_factor
 from dopr.optim.base_updates import adamw_update
+
 # spawned DDP workers must import what they run: the shared pieces live in an importable module
 from dopr.tests.optim_helpers import ConvNet, batches, ddp_worker, mlp, train
 

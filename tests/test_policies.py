@@ -57,7 +57,8 @@ def stats_of(batch):
 
 @pytest.mark.parametrize("mode", ["limits", "gaussian"])
 def test_normalizer_round_trip_and_range(mode):
-    x = torch.randn(100, 3, dtype=torch.float64).float() * torch.tensor([1.0, 10.0, 0.0]) + torch.tensor([0.0, 5.0, 7.0])
+    scale, shift = torch.tensor([1.0, 10.0, 0.0]), torch.tensor([0.0, 5.0, 7.0])
+    x = torch.randn(100, 3, dtype=torch.float64).float() * scale + shift
     xs = x.double().numpy()
     stats = {"k": {"min": xs.min(0), "max": xs.max(0), "mean": xs.mean(0), "std": xs.std(0)}}
     n = Normalizer({"k": 3}, stats, mode=mode)

@@ -51,7 +51,8 @@ def test_report_from_real_runs(runs, tmp_path):
 
     path = build_report(runs, str(tmp_path))
     md = open(path).read()
-    rows = [line for line in md.splitlines() if line.startswith("| ") and ("| adamw |" in line or "| dopr-adamw |" in line)]
+    rows = [line for line in md.splitlines()
+            if line.startswith("| ") and ("| adamw |" in line or "| dopr-adamw |" in line)]
     # the all-checkpoints table (11 columns): run, optimizer, policy, seed, step, val loss, success, CI, ...
     table = [[c.strip() for c in r.strip("|").split("|")] for r in rows if r.count("|") == 12]
     assert len(table) == 6  # 2 runs x steps 20, 40, 60 (ckpt-final repeats step 60 and is merged)
@@ -79,9 +80,10 @@ def test_report_from_real_runs(runs, tmp_path):
 
 def test_report_correlations_match_hand_computed(runs, tmp_path):
     """Same real runs with chosen success rates (results.json written by the evaluator's own code)."""
+    from dopr.atomic import write_json_atomic
     from dopr.eval.metrics import success_stats
     from dopr.eval.report import build_report
-    from dopr.eval.results import EvalResult, write_json_atomic
+    from dopr.eval.results import EvalResult
 
     copies = []
     for run in runs:
@@ -94,7 +96,8 @@ def test_report_correlations_match_hand_computed(runs, tmp_path):
     for run in copies:
         opt = os.path.basename(run)
         for ckpt, k in zip(("ckpt-0000020", "ckpt-0000040", "ckpt-final"), chosen[opt]):
-            episodes = [{"episode": i, "success": i < k, "steps": 5, "return": 0.0, "time_to_success": 5 if i < k else None}
+            episodes = [{"episode": i, "success": i < k, "steps": 5, "return": 0.0,
+                         "time_to_success": 5 if i < k else None}
                         for i in range(20)]
             result = EvalResult(task=TASK, **vars(success_stats(episodes)), protocol={"init": "random", "horizon": 20})
             write_json_atomic(os.path.join(run, ckpt, "eval", "results.json"), result.summary())

@@ -14,17 +14,18 @@ import shutil
 from pathlib import Path
 
 
-
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="dopr bench train", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="out/demos/lift100.zarr", help="episode store (default %(default)s)")
     p.add_argument("--policies", default=None, help="comma-separated (default: every policy kind)")
     p.add_argument("--optims", default=None, help="comma-separated (default: every optimizer)")
-    p.add_argument("--steps", type=int, default=40, help="timed steps per combination, after as many untimed (default %(default)s)")
+    p.add_argument("--steps", type=int, default=40,
+                   help="timed steps per combination, after as many untimed (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="MLP batch size (default %(default)s)")
     p.add_argument("--unet-batch-size", type=int, default=64, help="diffusion/flow batch size (default %(default)s)")
     p.add_argument("--down-dims", default="64,128,256",
-                   help="UNet widths (default %(default)s: the 256,512,1024 recipe takes ~5 s per step of 64 on one CPU core)")
+                   help="UNet widths (default %(default)s: the 256,512,1024 recipe takes ~5 s per step of 64 on "
+                        "one CPU core)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
@@ -35,7 +36,8 @@ def main(argv: list[str]) -> int:
     from dopr.train.loop import train
 
     if not Path(args.data).exists():
-        raise SystemExit(f"{args.data}: no episode store; collect one with `dopr collect --task lift --episodes 100 --out {args.data}`")
+        raise SystemExit(f"{args.data}: no episode store; collect one with "
+                         f"`dopr collect --task lift --episodes 100 --out {args.data}`")
     rows = []
     policies = [x for x in args.policies.split(",") if x] if args.policies else list(POLICY_KINDS)
     optims = [x for x in args.optims.split(",") if x] if args.optims else list(OPTIMIZERS)

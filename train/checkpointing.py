@@ -106,7 +106,12 @@ class TrainingState:
     def resume(self, cfg: TrainConfig, fingerprint: str, world: int, rank: int) -> None:
         """Load the checkpoint `cfg.resume` names, after checking it was written by this configuration
         on this dataset by as many processes."""
-        from dopr.policies.checkpoint import load_checkpoint_config, load_checkpoint_meta, load_train_state, load_weights
+        from dopr.policies.checkpoint import (
+            load_checkpoint_config,
+            load_checkpoint_meta,
+            load_train_state,
+            load_weights,
+        )
 
         ckpt = find_resume_checkpoint(cfg)
         check_resume_config(load_checkpoint_config(ckpt).get("train", {}), cfg, ckpt / "config.json")
