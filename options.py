@@ -120,6 +120,8 @@ def add_options(parser: argparse.ArgumentParser, cls, names=None, *, defaults: d
             for key in ("choices", "nargs", "const"):
                 if meta[key] is not None:
                     kw[key] = meta[key]
+            if isinstance(meta["choices"], LazyChoices):  # argparse lists choices in the usage line at once
+                kw["metavar"] = f.name.upper()
         # the default written into the help here: with suppress_defaults argparse has none to show
         kw["help"] = meta["help"].replace("%(default)s", str(default))
         if f.default is _MISSING and f.default_factory is _MISSING:

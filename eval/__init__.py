@@ -10,6 +10,7 @@ _EXPORTS = {
     "evaluate_checkpoint": "dopr.eval.evaluator",
     "evaluate_policy": "dopr.eval.evaluator",
     "CheckpointMismatch": "dopr.eval.evaluator",
+    "EvalConfig": "dopr.eval.config",
     "EvalResult": "dopr.eval.results",
     "wilson_interval": "dopr.eval.metrics",
     "success_stats": "dopr.eval.metrics",

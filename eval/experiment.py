@@ -131,7 +131,7 @@ def run_experiment(cfg: ExperimentConfig) -> str:
 
     from dopr.envs import list_tasks
     from dopr.envs.collect import CollectConfig, collect
-    from dopr.eval import evaluate_checkpoint, measure_compounding_error
+    from dopr.eval import EvalConfig, evaluate_checkpoint, measure_compounding_error
     from dopr.eval.comparison import cells_from_runs, comparison_table
     from dopr.eval.report import build_report
     from dopr.eval.results import COMPOUNDING_FILE, RESULTS_FILE
@@ -167,8 +167,8 @@ def run_experiment(cfg: ExperimentConfig) -> str:
                         print(f"[experiment] {run.name}: trained and evaluated, reused", flush=True)
                     elif final.exists():
                         print(f"[experiment] {run.name}: evaluating the final checkpoint", flush=True)
-                        evaluate_checkpoint(str(final), episodes=cfg.eval_episodes, workers=cfg.workers,
-                                            horizon=cfg.horizon, progress=bars)
+                        evaluate_checkpoint(str(final), EvalConfig(episodes=cfg.eval_episodes, workers=cfg.workers,
+                                                                   horizon=cfg.horizon, progress=bars))
                     else:
                         resume = "latest" if any(run.glob("ckpt-*")) else None
                         print(f"[experiment] {run.name}: {'resuming' if resume else 'training'}", flush=True)
@@ -186,8 +186,9 @@ def run_experiment(cfg: ExperimentConfig) -> str:
                     # its actions against the expert's labels in the states it reaches.
                     if cfg.compounding_episodes and not (final / "eval" / COMPOUNDING_FILE).exists():
                         print(f"[experiment] {run.name}: compounding-error curve", flush=True)
-                        measure_compounding_error(str(final), str(demos), workers=cfg.workers, horizon=cfg.horizon,
-                                                  episodes=min(cfg.compounding_episodes, cfg.demos), progress=bars)
+                        episodes = min(cfg.compounding_episodes, cfg.demos)
+                        measure_compounding_error(str(final), str(demos), EvalConfig(
+                            episodes=episodes, workers=cfg.workers, horizon=cfg.horizon, progress=bars))
 
     cells = cells_from_runs(run_dirs)
     report_md = build_report(run_dirs, str(out / "report"), cells=cells)

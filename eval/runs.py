@@ -21,6 +21,9 @@ from dopr.eval.results import COMPOUNDING_FILE, EPISODES_FILE, RESULTS_FILE
 
 
 def read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: missing (is {os.path.dirname(path)} a complete dopr run or checkpoint "
+                                f"folder?)")
     try:
         with open(path) as f:
             return json.load(f)

@@ -179,13 +179,14 @@ def run_episode(env, runner, seed, horizon):
 
 def test_closed_loop_through_the_server_matches_direct_evaluation(tmp_path):
     from dopr.envs import make, task_spec
+    from dopr.eval.config import EvalConfig
     from dopr.eval.evaluator import evaluate_checkpoint
 
     torch.set_num_threads(1)
     ckpt = train_small_policy(tmp_path)
     seed_base, episodes = 100_000, 8
-    direct = evaluate_checkpoint(str(ckpt), episodes=episodes, workers=1, seed_base=seed_base, progress=False,
-                                 out_dir=str(tmp_path / "eval"))
+    cfg = EvalConfig(episodes=episodes, workers=1, seed_base=seed_base, progress=False)
+    direct = evaluate_checkpoint(str(ckpt), cfg, out_dir=str(tmp_path / "eval"))
     direct_eps = sorted(direct.episodes, key=lambda r: r["episode"])
     assert any(r["success"] for r in direct_eps), "the trained policy never succeeds: the comparison would be empty"
 

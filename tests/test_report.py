@@ -19,7 +19,7 @@ TAB10_BLUE, TAB10_ORANGE = (31, 119, 180), (255, 127, 14)  # matplotlib's first 
 def runs(tmp_path_factory):
     """Two tiny real training runs, every checkpoint evaluated closed-loop, one compounding-error curve."""
     from dopr.envs.collect import CollectConfig, collect
-    from dopr.eval import evaluate_checkpoint, measure_compounding_error
+    from dopr.eval import EvalConfig, evaluate_checkpoint, measure_compounding_error
     from dopr.train import TrainConfig, train
 
     torch.set_num_threads(1)
@@ -33,9 +33,10 @@ def runs(tmp_path_factory):
                           ckpt_every=20, log_every=20, threads=1, progress=False, horizon=8, n_action_steps=4,
                           val_ratio=0.34))
         for ckpt in ("ckpt-0000020", "ckpt-final"):  # ckpt-0000040 stays unevaluated
-            evaluate_checkpoint(str(out / ckpt), episodes=2, horizon=20, progress=False)
+            evaluate_checkpoint(str(out / ckpt), EvalConfig(episodes=2, horizon=20, progress=False))
         dirs.append(str(out))
-    measure_compounding_error(os.path.join(dirs[1], "ckpt-final"), demos, episodes=2, horizon=20, progress=False)
+    measure_compounding_error(os.path.join(dirs[1], "ckpt-final"), demos,
+                              EvalConfig(episodes=2, horizon=20, progress=False))
     return dirs
 
 

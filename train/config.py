@@ -19,8 +19,8 @@ RESUME_MAY_CHANGE = {"resume", "out", "data", "configuration", "threads", "eval_
 class TrainConfig:
     data: str = option(help="episode store (zarr folder) written by `dopr collect` or `dopr data`")
     out: str = option("", "run folder (default out/runs/<policy>-<optim>-seed<seed>)")
-    policy: str = option("mlp", "policy kind (default %(default)s)", choices=POLICY_KINDS)
-    optim: str = option("dopr-adamw", "optimizer (default %(default)s)", choices=OPTIMIZERS)
+    policy: str = option("mlp", "policy kind: %(choices)s (default %(default)s)", choices=POLICY_KINDS)
+    optim: str = option("dopr-adamw", "optimizer: %(choices)s (default %(default)s)", choices=OPTIMIZERS)
     configuration: str | None = option(
         None, "this configuration's name in reports and tables (default: the optimizer)",
         flags=("--configuration", "--label"))

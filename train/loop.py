@@ -131,7 +131,10 @@ def train(cfg: TrainConfig) -> Path:
         write_json_atomic(run_dir / "config.json", dataclasses.asdict(cfg))
         log = MetricsLog(run_dir, state.step)
     if cfg.eval_every:
-        from dopr.eval import evaluate_checkpoint  # fail now, not after hours of training
+        from dopr.eval import EvalConfig, evaluate_checkpoint  # fail now, not after hours of training
+
+        eval_cfg = EvalConfig(episodes=cfg.eval_episodes, workers=cfg.eval_workers, horizon=cfg.eval_horizon,
+                              device=str(device), progress=False)
 
     def save(name: str) -> Path:
         rngs = [None] * world
@@ -176,8 +179,7 @@ def train(cfg: TrainConfig) -> Path:
             ckpt = save("ckpt-final")
         if cfg.eval_every and due(cfg.eval_every):
             if main_process:
-                result = evaluate_checkpoint(str(ckpt), episodes=cfg.eval_episodes, workers=cfg.eval_workers,
-                                             horizon=cfg.eval_horizon, device=str(device), progress=False)
+                result = evaluate_checkpoint(str(ckpt), eval_cfg)
                 record.update(step=done, eval_success_rate=float(result.success_rate),
                               eval_episodes=cfg.eval_episodes)
             if distributed:
