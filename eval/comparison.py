@@ -63,25 +63,18 @@ def mean_sd(xs: list[float]) -> tuple[float, float]:
     return m, sd
 
 
-# 97.5% and 80% quantiles of Student's t (beyond df 120: the normal's, within 1%)
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-         10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
-_T80 = {1: 1.376, 2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 7: 0.896, 8: 0.889, 9: 0.883,
-        10: 0.879, 12: 0.873, 15: 0.866, 20: 0.860, 25: 0.856, 30: 0.854, 40: 0.851, 60: 0.848, 120: 0.845}
-
-
-def _t_quantile(table: dict[int, float], normal: float, df: int) -> float:
-    if df > max(table):
-        return normal
-    return table.get(df) or table[max(k for k in table if k <= df)]  # the next lower df's: conservative
-
-
 def t975(df: int) -> float:
-    return _t_quantile(_T975, Z_95, df)
+    """97.5% quantile of Student's t with df degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
 
 
 def t80(df: int) -> float:
-    return _t_quantile(_T80, Z_80, df)
+    """80% quantile of Student's t with df degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.8, df))
 
 
 @dataclass

@@ -16,7 +16,7 @@ import os
 import signal
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_connections
 
 import numpy as np
@@ -39,7 +39,6 @@ class EnvSpec:
     stop_on_success: bool = True  # end the episode at the first success (time to success = its step)
     label_with_expert: bool = False  # also record |action - expert.act(env)| per step
     video_dir: str | None = None  # where mp4s of episodes with record_video go
-    env_kwargs: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -78,7 +77,7 @@ class _EpisodeRunner:
 
             self.expert = make_expert(self.spec.task)
         self.env = make(self.spec.task, obs=self.spec.obs, horizon=self.spec.horizon,
-                        image_size=self.spec.image_size, **self.spec.env_kwargs)
+                        image_size=self.spec.image_size)
 
     def _select(self, obs: dict) -> dict:
         keys = self.spec.obs_keys

@@ -48,10 +48,6 @@ class UnetPolicy(Policy):
             self.train_scheduler = DDPMScheduler(**kwargs)
             self.sample_scheduler = (DDIMScheduler if config.sampler == "ddim" else DDPMScheduler)(**kwargs)
 
-    @property
-    def objective(self) -> str:
-        return self.config.kind
-
     def _noise(self, shape, generator, device) -> torch.Tensor:
         return torch.randn(shape, generator=generator, device=device)
 
