@@ -21,8 +21,10 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import numpy as np
 
@@ -391,3 +393,10 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig | None = None, *, out_d
     protocol = {"checkpoint": os.path.abspath(checkpoint), "ema": ema, "step": meta.step, "val_loss": meta.val_loss}
     return evaluate_policy(policy, task, cfg, out_dir=out_dir or os.path.join(checkpoint, "eval"),
                            protocol=protocol, source=os.path.join(checkpoint, "meta.json"), checkpoint_meta=meta)
+
+
+def checkpoint_success_rate(train_cfg) -> Callable[[Path], float]:
+    """The closed-loop evaluation a training run makes of its checkpoints (TrainConfig's eval_* options)."""
+    cfg = EvalConfig(episodes=train_cfg.eval_episodes, workers=train_cfg.eval_workers, horizon=train_cfg.eval_horizon,
+                     device=train_cfg.device, progress=False)
+    return lambda checkpoint: evaluate_checkpoint(str(checkpoint), cfg).success_rate

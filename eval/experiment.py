@@ -131,7 +131,7 @@ def run_experiment(cfg: ExperimentConfig) -> str:
 
     from dopr.envs import list_tasks
     from dopr.envs.collect import CollectConfig, collect
-    from dopr.eval import EvalConfig, evaluate_checkpoint, measure_compounding_error
+    from dopr.eval import EvalConfig, checkpoint_success_rate, evaluate_checkpoint, measure_compounding_error
     from dopr.eval.comparison import cells_from_runs, comparison_table
     from dopr.eval.report import build_report
     from dopr.eval.results import COMPOUNDING_FILE, RESULTS_FILE
@@ -172,7 +172,7 @@ def run_experiment(cfg: ExperimentConfig) -> str:
                     else:
                         resume = "latest" if any(run.glob("ckpt-*")) else None
                         print(f"[experiment] {run.name}: {'resuming' if resume else 'training'}", flush=True)
-                        train(TrainConfig(
+                        train_cfg = TrainConfig(
                             data=str(demos), out=str(run), policy=policy, optim=configuration.optim,
                             configuration=configuration.name, steps=cfg.steps[policy], seed=seed,
                             batch_size=cfg.batch_size, down_dims=cfg.down_dims, threads=cfg.threads,
@@ -181,7 +181,8 @@ def run_experiment(cfg: ExperimentConfig) -> str:
                             val_every=cfg.eval_every, ckpt_every=cfg.eval_every,
                             eval_every=cfg.eval_every, eval_episodes=cfg.eval_episodes, eval_workers=cfg.workers,
                             eval_horizon=cfg.horizon, resume=resume, progress=bars,
-                        ))
+                        )
+                        train(train_cfg, checkpoint_success_rate(train_cfg))
                     # The compounding-error curve: the final policy from the demonstrations' start states,
                     # its actions against the expert's labels in the states it reaches.
                     if cfg.compounding_episodes and not (final / "eval" / COMPOUNDING_FILE).exists():

@@ -30,7 +30,13 @@ def add_parser(sub) -> None:
 def main(args) -> int:
     from dopr.train.loop import train
 
-    train(from_args(TrainConfig, args))
+    cfg = from_args(TrainConfig, args)
+    evaluate = None
+    if cfg.eval_every:
+        from dopr.eval import checkpoint_success_rate
+
+        evaluate = checkpoint_success_rate(cfg)
+    train(cfg, evaluate)
     return 0
 
 

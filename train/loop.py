@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -81,8 +82,9 @@ def build_training_state(cfg: TrainConfig, train_set, obs_shapes: dict, action_d
     return TrainingState(policy, ema_policy, EMA(policy, ema_policy, cfg.ema_decay), optimizer, scheduler), model
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train; returns the ckpt-final folder."""
+def train(cfg: TrainConfig, evaluate: Callable[[Path], float] | None = None) -> Path:
+    """Train; returns the ckpt-final folder. With cfg.eval_every, `evaluate(checkpoint)` gives the closed-loop
+    success rate of a checkpoint (dopr.eval.checkpoint_success_rate; training does not import evaluation)."""
     import torch
     import torch.distributed as dist
     from tqdm import tqdm
@@ -130,11 +132,8 @@ def train(cfg: TrainConfig) -> Path:
     if main_process:
         write_json_atomic(run_dir / "config.json", dataclasses.asdict(cfg))
         log = MetricsLog(run_dir, state.step)
-    if cfg.eval_every:
-        from dopr.eval import EvalConfig, evaluate_checkpoint  # fail now, not after hours of training
-
-        eval_cfg = EvalConfig(episodes=cfg.eval_episodes, workers=cfg.eval_workers, horizon=cfg.eval_horizon,
-                              device=str(device), progress=False)
+    if cfg.eval_every and evaluate is None:  # fail now, not after hours of training
+        raise ValueError("--eval-every needs an evaluation function: train(cfg, evaluate=...)")
 
     def save(name: str) -> Path:
         rngs = [None] * world
@@ -179,9 +178,7 @@ def train(cfg: TrainConfig) -> Path:
             ckpt = save("ckpt-final")
         if cfg.eval_every and due(cfg.eval_every):
             if main_process:
-                result = evaluate_checkpoint(str(ckpt), eval_cfg)
-                record.update(step=done, eval_success_rate=float(result.success_rate),
-                              eval_episodes=cfg.eval_episodes)
+                record.update(step=done, eval_success_rate=float(evaluate(ckpt)), eval_episodes=cfg.eval_episodes)
             if distributed:
                 dist.barrier()
         if due(cfg.val_every) or (cfg.eval_every and due(cfg.eval_every)):
