@@ -139,6 +139,18 @@ def test_overfits_tiny_dataset(kind, images, steps, loss_ratio):
     assert err < 0.3 * spread, (err, spread)
 
 
+@pytest.mark.parametrize("kind,n_obs_steps", [("mlp", 1), ("mlp", 3), ("flow", 2)])
+def test_executed_actions_start_at_the_current_step(kind, n_obs_steps):
+    # the chunk's step To-1 is the current one (the last observation's), so the robot executes
+    # steps To-1 .. To-1+Ta-1: one step later would skip the action for the present state
+    cfg = make_config(kind, n_obs_steps=n_obs_steps, horizon=8, n_action_steps=4)
+    batch = make_batch(cfg)
+    policy = build_policy(cfg, stats_of(batch)).eval()
+    chunk = policy.sample_chunk(batch["obs"], generator=torch.Generator().manual_seed(1))
+    executed = policy.predict_action(batch["obs"], generator=torch.Generator().manual_seed(1))
+    assert torch.equal(executed, chunk[:, n_obs_steps - 1:n_obs_steps - 1 + 4])
+
+
 @pytest.mark.parametrize("kind,sampler", [("diffusion", "ddpm"), ("diffusion", "ddim"), ("flow", "ddpm")])
 def test_sampling_is_seeded(kind, sampler):
     cfg = make_config(kind, sampler=sampler, num_inference_steps=5)

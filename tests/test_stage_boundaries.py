@@ -63,3 +63,14 @@ def test_the_check_sees_an_upward_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from dopr.eval.evaluator import evaluate_checkpoint\n")
     assert dopr_imports(bad) == {"eval"}
+
+
+@pytest.mark.parametrize("package", ["dopr.data", "dopr.train", "dopr.eval"])
+def test_lazy_exports_name_the_modules_that_define_them(package):
+    import importlib
+
+    pkg = importlib.import_module(package)
+    for name, module in pkg._EXPORTS.items():
+        assert getattr(pkg, name) is getattr(importlib.import_module(module), name), (package, name)
+    with pytest.raises(AttributeError, match="no attribute 'nonexistent'"):
+        getattr(pkg, "nonexistent")
