@@ -16,10 +16,6 @@ _EXPORTS = {
     "record_split": "dopr.data.split",
     "resolve_split": "dopr.data.split",
     "import_robomimic": "dopr.data.robomimic_import",
-    "check_replay": "dopr.data.replay",
-    "replay_episode": "dopr.data.replay",
-    "stored_success": "dopr.data.replay",
-    "ReplayResult": "dopr.data.replay",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,7 +1,7 @@
 """Closed-loop evaluation (`dopr eval`), its metrics, and the TTF report (`dopr report`).
 
 Names are imported on first use, so that a spawned simulator worker (which imports
-dopr.eval.env_pool) does not pay for torch.
+dopr.eval.rollout_worker) does not pay for torch.
 """
 
 from dopr.lazy import lazy_exports

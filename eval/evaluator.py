@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from dopr.atomic import write_json_atomic
+from dopr.envs.worker_pool import WorkerFault, WorkerPool
 from dopr.eval.config import EvalConfig
-from dopr.eval.env_pool import EnvPool, EnvSpec, Episode, WorkerFault
 from dopr.eval.metrics import success_stats
 from dopr.eval.results import (
     EPISODES_FILE,
@@ -39,6 +39,7 @@ from dopr.eval.results import (
     EvalResult,
     library_versions,
 )
+from dopr.eval.rollout_worker import EnvSpec, Episode
 from dopr.eval.runs import CheckpointMeta
 
 
@@ -274,7 +275,7 @@ def _run(policy, plan, env_spec, cfg: EvalConfig, n_exec, generator, log, tally:
         tally.policy_calls += 1
         return actions, not torch.equal(before, generator.get_state())
 
-    with EnvPool(n_workers, env_spec) as pool:
+    with WorkerPool(n_workers, env_spec, name="dopr-eval-worker") as pool:
         tally.t_ready = time.perf_counter()
         pending: dict[int, str] = {}  # worker -> the command whose reply it owes
         ready: set[int] = set()  # workers whose episode waits for its next action chunk
@@ -291,7 +292,7 @@ def _run(policy, plan, env_spec, cfg: EvalConfig, n_exec, generator, log, tally:
                 if slots[i] is None and queue and i not in pending:
                     ep = queue.popleft()
                     slots[i] = _Slot(ep, deadline=time.monotonic() + cfg.episode_timeout_s)
-                    err = pool.send(i, ("reset", ep))
+                    err = pool.send(i, ("reset", (ep,)))
                     if err is not None:
                         fault(i, err)
                     else:
