@@ -6,16 +6,8 @@ state and resume, validation and the metrics log are one file each. Names are im
 
 from dopr.lazy import lazy_exports
 
-_EXPORTS = {
-    "TrainConfig": "dopr.train.config",
-    "POLICY_KINDS": "dopr.train.config",
-    "OPTIMIZERS": "dopr.train.config",
-    "train": "dopr.train.loop",
-    "train_step": "dopr.train.loop",
-    "StepBatches": "dopr.train.batches",
-    "validate": "dopr.train.validation",
-    "MetricsLog": "dopr.train.metrics_log",
-}
+_EXPORTS = {**dict.fromkeys(("TrainConfig", "POLICY_KINDS", "OPTIMIZERS"), "dopr.train.config"),
+            "train": "dopr.train.loop"}
 
 __all__ = sorted(_EXPORTS)
 __getattr__ = lazy_exports(__name__, _EXPORTS)
