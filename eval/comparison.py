@@ -36,7 +36,7 @@ class SeedResult:
 class Cell:
     task: str
     policy: str
-    optim: str  # the configuration's name (its label, else the optimizer)
+    configuration: str  # the compared configuration's name (e.g. "dopr-adamw:damping=0.3"), else the optimizer
     seeds: list[SeedResult] = field(default_factory=list)
     optimizer: str = ""  # dopr.optim.build's name, e.g. "dopr-adamw"
     lr: float | None = None
@@ -133,7 +133,8 @@ def paired_comparison(treatment: Cell, baseline: Cell) -> PairedComparison | Non
         # one seed: only the episode noise is known; the discordant pairs give its standard error
         se = math.sqrt(max(only_t + only_b, 1)) / max(n_eps[0], 1)
         mde = (Z_95 + Z_80) * se
-    return PairedComparison(treatment.optim, baseline.optim, n, min(n_eps), m, lo, hi, only_t, only_b, diffs, mde)
+    return PairedComparison(treatment.configuration, baseline.configuration, n, min(n_eps), m, lo, hi, only_t, only_b,
+                            diffs, mde)
 
 
 def cells_from_runs(run_dirs: list[str]) -> list[Cell]:
@@ -175,7 +176,7 @@ def _pooled_over_tasks(pairs: list[tuple[Cell, Cell]]) -> list[tuple[str, str, C
     units are (task, training seed), for an overall answer across tasks."""
     groups: dict[tuple, list] = {}
     for t, b in pairs:
-        groups.setdefault((t.policy, t.optim, b.optim), []).append((t, b))
+        groups.setdefault((t.policy, t.configuration, b.configuration), []).append((t, b))
 
     def units(c: Cell) -> list[SeedResult]:
         return [SeedResult(f"{c.task}/{s.seed}", s.success, s.val_loss, s.step) for s in c.seeds]
@@ -194,7 +195,7 @@ def _pooled_over_tasks(pairs: list[tuple[Cell, Cell]]) -> list[tuple[str, str, C
 def comparisons(cells: list[Cell]) -> list[tuple[str, str, PairedComparison]]:
     """(task, policy, comparison) for every DoPr cell against its base, then the rows pooled over tasks."""
     pairs = dopr_pairs(cells)
-    compared = sorted(((t.task, t.policy, t, b) for t, b in pairs), key=lambda x: (x[0], x[1], x[2].optim))
+    compared = sorted(((t.task, t.policy, t, b) for t, b in pairs), key=lambda x: (x[0], x[1], x[2].configuration))
     out = []
     for task, policy, t, b in compared + _pooled_over_tasks(pairs):
         p = paired_comparison(t, b)
@@ -209,12 +210,12 @@ def comparison_table(cells: list[Cell]) -> str:
     lines = ["| task | policy | optimizer | seeds | episodes/seed | success mean (sd) | pooled 95% CI "
              "| val loss mean (sd) |",
              "|---|---|---|---|---|---|---|---|"]
-    for c in sorted(cells, key=lambda c: (c.task, c.policy, c.optim)):
+    for c in sorted(cells, key=lambda c: (c.task, c.policy, c.configuration)):
         rm, rs = mean_sd(c.rates())
         vm, vs = mean_sd(c.val_losses())
         k, n, lo, hi = c.pooled_interval()
         eps = n // max(1, len(c.seeds))
-        lines.append(f"| {c.task} | {c.policy} | {c.optim} | {len(c.seeds)} | {eps} | {rm:.3f} ({rs:.3f}) | "
+        lines.append(f"| {c.task} | {c.policy} | {c.configuration} | {len(c.seeds)} | {eps} | {rm:.3f} ({rs:.3f}) | "
                      f"{lo:.3f}-{hi:.3f} | {vm:.4g} ({vs:.2g}) |")
     rows = [f"| {task} | {policy} | {p.treatment} - {p.baseline} | {p.n_seeds} | {p.diff:+.3f} | "
             f"{p.ci_low:+.3f} to {p.ci_high:+.3f} | {p.only_treatment} / {p.only_baseline} | "

@@ -47,7 +47,7 @@ def test_dopr_is_paired_with_its_base_at_the_same_lr_else_the_first():
              cell("lift", "dopr-adamw:lr=3e-3", "dopr-adamw", 3e-3, {0: 0.6}),
              cell("lift", "dopr-muon", "dopr-muon", 1e-4, {0: 0.6}),  # no Muon cell: not compared
              cell("can", "adamw:lr=1e-4", "adamw", 1e-4, {0: 0.5})]  # another task: never paired across
-    pairs = {(t.optim, b.optim) for t, b in dopr_pairs(cells)}
+    pairs = {(t.configuration, b.configuration) for t, b in dopr_pairs(cells)}
     assert pairs == {("dopr-adamw:lr=1e-4", "adamw:lr=1e-4"), ("dopr-adamw:lr=3e-3", "adamw:lr=1e-3")}
 
 
