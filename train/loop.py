@@ -92,6 +92,9 @@ def train(cfg: TrainConfig, evaluate: Callable[[Path], float] | None = None) -> 
     from dopr.data import EpisodeStore, SequenceDataset
     from dopr.policies.checkpoint import checkpoint_name
 
+    if cfg.eval_every and evaluate is None:  # fail now, not after hours of training
+        raise ValueError("--eval-every needs an evaluation function: train(cfg, evaluate=...)")
+
     # --- processes and devices ---
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
     distributed, main_process = world > 1, rank == 0
@@ -132,8 +135,6 @@ def train(cfg: TrainConfig, evaluate: Callable[[Path], float] | None = None) -> 
     if main_process:
         write_json_atomic(run_dir / "config.json", dataclasses.asdict(cfg))
         log = MetricsLog(run_dir, state.step)
-    if cfg.eval_every and evaluate is None:  # fail now, not after hours of training
-        raise ValueError("--eval-every needs an evaluation function: train(cfg, evaluate=...)")
 
     def save(name: str) -> Path:
         rngs = [None] * world
