@@ -1,6 +1,6 @@
 """Package namespaces that import their names on first use.
 
-A spawned simulator worker imports dopr.eval.env_pool, and every stage imports dopr.data.atomic;
+A spawned simulator worker imports dopr.envs.worker_pool, and every stage imports dopr.atomic;
 importing a package runs its __init__ first, so an __init__ that imported torch or zarr eagerly would
 make each of them pay for it.
 """

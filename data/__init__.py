@@ -1,9 +1,7 @@
 """dopr.data: the episode store (zarr), its validation, the train/val split, the sequence sampler,
-the torch dataset on top, normalizer statistics, importers (robomimic, LeRobot) and the LeRobot exporter,
-and atomic file writes.
+the torch dataset on top, normalizer statistics, importers (robomimic, LeRobot) and the LeRobot exporter.
 
-Names are imported on first use, so that importing a light submodule (dopr.data.atomic, which
-every stage uses) does not pay for zarr or torch.
+Names are imported on first use, so that importing a light submodule does not pay for zarr or torch.
 """
 
 from dopr.lazy import lazy_exports
@@ -20,13 +18,6 @@ _EXPORTS = {
     "import_robomimic": "dopr.data.robomimic_import",
     "import_lerobot": "dopr.data.lerobot_import",
     "export_lerobot": "dopr.data.lerobot_export",
-    "check_replay": "dopr.data.replay",
-    "replay_episode": "dopr.data.replay",
-    "stored_success": "dopr.data.replay",
-    "ReplayResult": "dopr.data.replay",
-    "write_json_atomic": "dopr.data.atomic",
-    "write_text_atomic": "dopr.data.atomic",
-    "atomic_path": "dopr.data.atomic",
 }
 
 __all__ = sorted(_EXPORTS)

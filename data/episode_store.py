@@ -158,10 +158,6 @@ class EpisodeStore:
         self._ends_array = self._group["meta/episode_ends"]
         return np.asarray(self._ends_array[:])
 
-    def refresh(self) -> None:
-        """Re-read the store, e.g. to see episodes another process appended since opening."""
-        self.__init__(self._group, self.path, self.mode)
-
     @property
     def zarr_format(self) -> int:
         return self._group.metadata.zarr_format

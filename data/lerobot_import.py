@@ -33,7 +33,6 @@ from dopr.data.lerobot_format import (
 from dopr.data.lerobot_video import TOLERANCE_S, VideoFrames
 from dopr.data.validate import EpisodeStoreError
 
-
 # episodes are appended to the store in batches of about this many bytes: one commit per batch costs
 # less than one per episode (20 episodes of 100 84x84 frames: 1.42 s one by one, 0.63 s in batches of 5,
 # 1.01 s all at once, on a loaded 2-core machine)

@@ -26,7 +26,7 @@ class SequenceDataset(torch.utils.data.Dataset):
     diffusion_policy. The split comes from `resolve_split(store, val_ratio, seed)`.
 
     `dataset[i]` gives one window; `dataset[array_of_indices]` gives a whole batch in one
-    vectorized gather (leading dim B). Train with `dataset.loader(B)`, which uses it: per-item
+    vectorized gather (leading dim B); training (dopr.train) asks for whole batches this way: per-item
     loading with default collation is ~40x slower (python -m dopr.data.bench).
     """
 
@@ -64,22 +64,12 @@ class SequenceDataset(torch.utils.data.Dataset):
     def __getitem__(self, index):
         single = np.ndim(index) == 0
         windows = self.sampler.sample_batch([index] if single else index)
-        def convert(x):  # noqa: E306
+        def convert(x):
             x = torch.from_numpy(np.ascontiguousarray(x))
             x = x if x.dtype == torch.uint8 else x.float()
             return x[0] if single else x
         return {"obs": {k: convert(windows[k]) for k in self.obs_keys},
                 "action": convert(windows[self.action_key])}
-
-    def loader(self, batch_size: int, shuffle: bool = True, drop_last: bool = True, seed: int | None = None,
-               **kw) -> torch.utils.data.DataLoader:
-        """A DataLoader over whole batches (the batch path; `dopr bench data`-style measurement:
-        one gather per batch instead of one per item plus collation). Extra keywords go to DataLoader."""
-        from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
-
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        order = RandomSampler(self, generator=generator) if shuffle else SequentialSampler(self)
-        return DataLoader(self, batch_size=None, sampler=BatchSampler(order, batch_size, drop_last), **kw)
 
     @property
     def lowdim_obs_keys(self) -> list[str]:

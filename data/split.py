@@ -67,5 +67,6 @@ def resolve_split(store, val_ratio: float = 0.1, seed: int = 0) -> tuple[np.ndar
     if rec:
         warnings.warn(f"{store.path}: the recorded split (seed {rec.get('seed')}, val_ratio "
                       f"{rec.get('val_ratio')}, {rec.get('n_episodes')} episodes) does not match "
-                      f"seed {seed}, val_ratio {val_ratio}, {store.n_episodes} episodes; using a new split", stacklevel=2)
+                      f"seed {seed}, val_ratio {val_ratio}, {store.n_episodes} episodes; using a new split",
+                      stacklevel=2)
     return split_episodes(store.n_episodes, val_ratio, seed)

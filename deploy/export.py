@@ -28,31 +28,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dopr.data.atomic import atomic_path
+from dopr.atomic import atomic_path
 from dopr.deploy.runtime import META_KEY, NOISE_INPUT
 
 FORMATS = ("torchscript", "onnx")
 ONNX_OPSET = 18  # Mish is a native op from opset 18
 
 
-def _find(meta: dict, key: str):
-    """A protocol field of meta.json, at the top level or in a nested section."""
-    if key in meta:
-        return meta[key]
-    for value in meta.values():
-        if isinstance(value, dict) and key in value:
-            return value[key]
-    return None
-
-
 def deploy_meta(policy, ckpt_meta: dict | None = None) -> dict:
     """What a controller or a client must know to feed the policy and time its actions."""
     cfg = policy.config
     ckpt_meta = ckpt_meta or {}
-    control_freq = _find(ckpt_meta, "control_freq")
+    control_freq = ckpt_meta.get("control_freq")  # meta.json as dopr.train writes it
     return {
         "policy": cfg.kind,
-        "task": _find(ckpt_meta, "task"),
+        "task": ckpt_meta.get("task"),
         "obs_keys": list(cfg.obs_shapes),
         "obs_shapes": {k: list(s) for k, s in cfg.obs_shapes.items()},
         "obs_dtypes": {k: ("uint8" if k in cfg.image_keys else "float32") for k in cfg.obs_shapes},

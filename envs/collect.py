@@ -10,7 +10,8 @@ back as one message of stacked arrays; the parent appends the finished episodes 
 every couple of seconds (a kill loses at most those seconds, never leaves half an episode) and
 records the seeds used in the store's attributes, so running
 the same command again on an existing store appends until the count is reached, continuing after
-the last seed tried.
+the last seed tried. Workers are dopr.envs.worker_pool's: a worker that crashes or hangs past
+--episode-timeout ends the collection with the episodes finished so far kept.
 
 Each episode stores, per step t: every observation key (before the action), `state` (the
 simulator state before the action, from env.get_state()), `action` (the expert's CLEAN label),
@@ -23,13 +24,14 @@ Per-episode seed and success live in the store's attrs (`episode_seeds`, `episod
 from __future__ import annotations
 
 import collections
-import multiprocessing
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from dopr.envs.episode import EpisodeLoop
+from dopr.envs.worker_pool import WorkerFault, WorkerPool
 
 ACTION_KEY = "action"
 EXECUTED_ACTION_KEY = "executed_action"
@@ -51,6 +53,7 @@ class CollectConfig:
     progress: bool = True
     max_attempts: int | None = None  # give up after this many rollouts (None: 10 x n_episodes + 10)
     expert: str | None = None  # RL-expert folder for the locomotion tasks (None: out/experts/<task>)
+    episode_timeout_s: float = 600.0  # a worker that takes longer for one episode counts as hung
 
 
 @dataclass
@@ -69,18 +72,28 @@ class CollectSummary:
 
 # ---------------------------------------------------------------------------------------------
 # worker side
-_worker: dict = {}
+@dataclass
+class ExpertRollouts:
+    """What a collection worker builds: the task's env; `rollout(seed)` then runs the expert's episode."""
 
+    task: str
+    obs: str
+    horizon: int | None
+    image_size: int
+    noise_std: float
+    expert: str | None = None  # RL-expert folder (locomotion tasks)
 
-def _init_worker(task: str, obs: str, horizon: int | None, image_size: int, noise_std: float,
-                 expert: str | None = None):
-    _worker.update(task=task, noise_std=noise_std, expert=expert, error=None)
-    try:
+    def build(self) -> "ExpertRollouts":
         from dopr.envs import tasks
 
-        _worker["env"] = tasks.make(task, obs=obs, horizon=horizon, image_size=image_size)
-    except Exception as err:  # noqa: BLE001 -- a raising Pool initializer respawns forever;
-        _worker["error"] = err  # report it with the first episode instead
+        self.env = tasks.make(self.task, obs=self.obs, horizon=self.horizon, image_size=self.image_size)
+        return self
+
+    def rollout(self, seed: int) -> dict:
+        from dopr.envs import tasks
+
+        expert = tasks.make_expert(self.task, seed=seed, noise_std=self.noise_std, expert_path=self.expert)
+        return rollout(self.env, expert, seed)
 
 
 def rollout(env, expert, seed: int, stop_on_success: bool = True) -> dict:
@@ -90,12 +103,12 @@ def rollout(env, expert, seed: int, stop_on_success: bool = True) -> dict:
     "succeeded at some step"), or when the env terminates or reaches its horizon. `final_state`
     is the simulator state after the last step (the per-step `state`s are those before each action).
     """
-    obs, info = env.reset(seed=seed)
+    loop = EpisodeLoop(env, stop_on_success)
+    obs = loop.start(env.reset(seed=seed)[0])
     expert.reset()
     noisy = getattr(expert, "noise_std", 0.0) > 0
     steps: dict[str, list] = collections.defaultdict(list)
-    success = False
-    while True:
+    while not loop.done:
         for key, value in obs.items():
             steps[key].append(value)
         steps["state"].append(env.get_state())
@@ -105,25 +118,12 @@ def rollout(env, expert, seed: int, stop_on_success: bool = True) -> dict:
         if noisy:  # stored as executed (float32), so replaying it reproduces the episode exactly
             executed = np.asarray(expert.noisy(label), dtype=np.float32)
             steps[EXECUTED_ACTION_KEY].append(executed)
-        obs, reward, terminated, truncated, info = env.step(executed)
+        obs, reward, _ = loop.step(executed)
         steps["reward"].append(reward)
-        success = success or bool(info.get("success", False))
-        if (success and stop_on_success) or terminated or truncated:
-            break
     episode = {key: np.stack(values) for key, values in steps.items()}
     episode["reward"] = episode["reward"].astype(np.float32)
-    return {"episode": episode, "seed": seed, "success": success, "length": len(episode["reward"]),
+    return {"episode": episode, "seed": seed, "success": loop.success, "length": len(episode["reward"]),
             "final_state": env.get_state()}
-
-
-def _run_episode(seed: int) -> dict:
-    from dopr.envs import tasks
-
-    if _worker["error"] is not None:
-        raise RuntimeError(f"worker could not build task {_worker['task']!r}: {_worker['error']}")
-    expert = tasks.make_expert(_worker["task"], seed=seed, noise_std=_worker["noise_std"],
-                               expert_path=_worker["expert"])
-    return rollout(_worker["env"], expert, seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,14 +307,15 @@ def collect(cfg: CollectConfig) -> CollectSummary:
     if cfg.noise_std > 0:
         expected_keys.add(EXECUTED_ACTION_KEY)
 
-    init_args = (cfg.task, cfg.obs, cfg.horizon, cfg.image_size, cfg.noise_std, cfg.expert)
-    pool = _start_pool(cfg.workers, init_args) if cfg.workers > 0 else None
+    worker = ExpertRollouts(cfg.task, cfg.obs, cfg.horizon, cfg.image_size, cfg.noise_std,
+                            cfg.expert)
+    pool = WorkerPool(cfg.workers, worker, name="dopr-collect-worker") if cfg.workers > 0 else None
     bar = tqdm(total=cfg.n_episodes, initial=start_episodes, disable=not cfg.progress,
                desc=f"collect {cfg.task}", unit="ep")
     seeds = range(next_seed, next_seed + max_attempts)
     unwritten = _Unwritten(store)
     try:
-        for result in _results_in_seed_order(pool, cfg.workers, init_args, seeds):
+        for result in _results_in_seed_order(pool, worker, seeds, cfg.episode_timeout_s):
             if summary.attempts == 0:
                 summary.first_result_seconds = time.perf_counter() - t0
                 if set(result["episode"]) != expected_keys:
@@ -341,8 +342,7 @@ def collect(cfg: CollectConfig) -> CollectSummary:
         summary.store_seconds += unwritten.flush()
         bar.close()
         if pool is not None:
-            pool.terminate()  # episodes still in flight are abandoned: their seeds stay unused
-            pool.join()
+            pool.close()  # episodes still in flight are abandoned: their seeds stay unused
     # Record the default episode-level train/validation split (training reads it back; a different
     # --val-ratio or --split-seed makes training compute and announce its own).
     resolve_split(store)
@@ -357,41 +357,30 @@ def collect(cfg: CollectConfig) -> CollectSummary:
     return summary
 
 
-def _start_pool(workers: int, init_args: tuple):
-    """Spawned worker processes, each with one env and one BLAS/OpenMP thread (the workers are
-    the parallelism; the variables are read when numpy/torch load, so they are set for the spawn)."""
-    threads = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
-    saved = {name: os.environ.get(name) for name in threads}
-    os.environ.update(threads)
-    try:
-        return multiprocessing.get_context("spawn").Pool(
-            workers, initializer=_init_worker, initargs=init_args)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-def _results_in_seed_order(pool, workers: int, init_args: tuple, seeds: range):
-    """Yield rollout results for `seeds` in order until the caller stops, from the pool's workers
-    (at most 2 episodes per worker in flight) or, without a pool, from this process."""
+def _results_in_seed_order(pool: WorkerPool | None, worker: ExpertRollouts, seeds: range, timeout_s: float):
+    """Yield rollout results for `seeds` in order until the caller stops, one episode per worker in
+    flight, from the pool's workers or, without a pool, from this process."""
     if pool is None:
-        _init_worker(*init_args)
+        worker.build()
         for seed in seeds:
-            yield _run_episode(seed)
+            yield worker.rollout(seed)
         return
-    in_flight = 2 * workers
-    pending = collections.deque()
-    seed_iter = iter(seeds)
-    for seed in seed_iter:
-        pending.append(pool.apply_async(_run_episode, (seed,)))
-        if len(pending) >= in_flight:
-            break
-    while pending:
-        result = pending.popleft().get()
-        seed = next(seed_iter, None)
-        if seed is not None:
-            pending.append(pool.apply_async(_run_episode, (seed,)))
-        yield result
+    seed_iter, running, done = iter(seeds), {}, {}  # running: worker -> (seed, deadline); done: seed -> result
+    next_seed = seeds.start
+    while True:
+        for i in range(len(pool)):
+            if i not in running and (seed := next(seed_iter, None)) is not None:
+                running[i] = (seed, time.monotonic() + timeout_s)
+                fault = pool.send(i, ("rollout", (seed,)))
+                if fault is not None:
+                    raise RuntimeError(f"collect: seed {seed}: {fault}")
+        if not running and next_seed not in done:
+            return
+        for i, reply in pool.receive({i: deadline for i, (_, deadline) in running.items()}).items():
+            seed, _ = running.pop(i)
+            if isinstance(reply, WorkerFault):
+                raise RuntimeError(f"collect: seed {seed}: {reply}")
+            done[seed] = reply
+        while next_seed in done:
+            yield done.pop(next_seed)
+            next_seed += 1

@@ -1,15 +1,17 @@
 """Closed-loop evaluation (`dopr eval`), its metrics, and the TTF report (`dopr report`).
 
 Names are imported on first use, so that a spawned simulator worker (which imports
-dopr.eval.env_pool) does not pay for torch.
+dopr.eval.rollout_worker) does not pay for torch.
 """
 
 from dopr.lazy import lazy_exports
 
 _EXPORTS = {
     "evaluate_checkpoint": "dopr.eval.evaluator",
+    "checkpoint_success_rate": "dopr.eval.evaluator",
     "evaluate_policy": "dopr.eval.evaluator",
     "CheckpointMismatch": "dopr.eval.evaluator",
+    "EvalConfig": "dopr.eval.config",
     "EvalResult": "dopr.eval.results",
     "wilson_interval": "dopr.eval.metrics",
     "success_stats": "dopr.eval.metrics",

@@ -95,6 +95,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     from dopr.envs.bench import raw_step_rate
+    from dopr.eval.config import EvalConfig
     from dopr.eval.evaluator import evaluate_policy
 
     torch.set_num_threads(args.threads)
@@ -106,8 +107,8 @@ def main(argv: list[str]) -> int:
     raw_steps = max(200, args.horizon * 2)
     for w in [int(x) for x in args.workers.split(",")]:
         raw_before = raw_step_rate(task, n_steps=raw_steps)
-        result = evaluate_policy(policy, task, episodes=w * args.episodes_per_worker, workers=w,
-                                 horizon=args.horizon, progress=False)
+        cfg = EvalConfig(episodes=w * args.episodes_per_worker, workers=w, horizon=args.horizon, progress=False)
+        result = evaluate_policy(policy, task, cfg)
         raw = (raw_before + raw_step_rate(task, n_steps=raw_steps)) / 2
         parallel = parallel_raw_rate(task, w, raw_steps) if w > 1 else raw
         t = result.timing

@@ -36,7 +36,7 @@ class SeedResult:
 class Cell:
     task: str
     policy: str
-    optim: str  # the configuration's name (its label, else the optimizer)
+    configuration: str  # the compared configuration's name (e.g. "dopr-adamw:damping=0.3"), else the optimizer
     seeds: list[SeedResult] = field(default_factory=list)
     optimizer: str = ""  # dopr.optim.build's name, e.g. "dopr-adamw"
     lr: float | None = None
@@ -63,25 +63,18 @@ def mean_sd(xs: list[float]) -> tuple[float, float]:
     return m, sd
 
 
-# 97.5% and 80% quantiles of Student's t (beyond df 120: the normal's, within 1%)
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-         10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
-_T80 = {1: 1.376, 2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 7: 0.896, 8: 0.889, 9: 0.883,
-        10: 0.879, 12: 0.873, 15: 0.866, 20: 0.860, 25: 0.856, 30: 0.854, 40: 0.851, 60: 0.848, 120: 0.845}
-
-
-def _t_quantile(table: dict[int, float], normal: float, df: int) -> float:
-    if df > max(table):
-        return normal
-    return table.get(df) or table[max(k for k in table if k <= df)]  # the next lower df's: conservative
-
-
 def t975(df: int) -> float:
-    return _t_quantile(_T975, Z_95, df)
+    """97.5% quantile of Student's t with df degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
 
 
 def t80(df: int) -> float:
-    return _t_quantile(_T80, Z_80, df)
+    """80% quantile of Student's t with df degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.8, df))
 
 
 @dataclass
@@ -140,30 +133,27 @@ def paired_comparison(treatment: Cell, baseline: Cell) -> PairedComparison | Non
         # one seed: only the episode noise is known; the discordant pairs give its standard error
         se = math.sqrt(max(only_t + only_b, 1)) / max(n_eps[0], 1)
         mde = (Z_95 + Z_80) * se
-    return PairedComparison(treatment.optim, baseline.optim, n, min(n_eps), m, lo, hi, only_t, only_b, diffs, mde)
+    return PairedComparison(treatment.configuration, baseline.configuration, n, min(n_eps), m, lo, hi, only_t, only_b,
+                            diffs, mde)
 
 
 def cells_from_runs(run_dirs: list[str]) -> list[Cell]:
     """One cell per (task, policy, configuration) from the runs' evaluated final checkpoints, in run order."""
-    import json
-    from pathlib import Path
-
-    from dopr.eval.report import configuration_name
-    from dopr.eval.results import RESULTS_FILE, read_episodes
-    from dopr.policies import load_checkpoint_meta
+    from dopr.eval.runs import is_run_folder, read_run_record
 
     cells: dict[tuple, Cell] = {}
-    for run in map(Path, run_dirs):
-        final = run / "ckpt-final"
-        if not (final / "eval" / RESULTS_FILE).exists() or not (run / "config.json").exists():
-            continue  # not a finished `dopr train` run
-        cfg = json.loads((run / "config.json").read_text())
-        meta = load_checkpoint_meta(final)
-        key = (meta.get("task"), cfg.get("policy"), configuration_name(cfg))
-        cell = cells.setdefault(key, Cell(*key, optimizer=cfg.get("optim", ""), lr=cfg.get("lr")))
-        episodes = read_episodes(str(final / "eval"))
-        cell.seeds.append(SeedResult(seed=cfg.get("seed"), success={int(e["seed"]): bool(e["success"]) for e in episodes},
-                                     val_loss=meta.get("val_loss"), step=int(meta["step"])))
+    for run_dir in run_dirs:
+        if not is_run_folder(run_dir):
+            continue  # not (yet) a `dopr train` run
+        run = read_run_record(run_dir)
+        final = run.final
+        if final is None or final.results is None:
+            continue  # not finished, or not evaluated
+        key = (final.meta.task, run.policy, run.configuration)
+        cell = cells.setdefault(key, Cell(*key, optimizer=run.optim, lr=run.lr))
+        success = {int(e["seed"]): bool(e["success"]) for e in final.episodes()}
+        cell.seeds.append(SeedResult(seed=run.seed, success=success, val_loss=final.meta.val_loss,
+                                     step=final.meta.step))
     return list(cells.values())
 
 
@@ -174,7 +164,8 @@ def dopr_pairs(cells: list[Cell]) -> list[tuple[Cell, Cell]]:
     for t in cells:
         if not t.optimizer.startswith("dopr-"):
             continue
-        bases = [b for b in cells if (b.task, b.policy, b.optimizer) == (t.task, t.policy, t.optimizer.removeprefix("dopr-"))]
+        base_key = (t.task, t.policy, t.optimizer.removeprefix("dopr-"))
+        bases = [b for b in cells if (b.task, b.policy, b.optimizer) == base_key]
         if bases:
             pairs.append((t, next((b for b in bases if b.lr == t.lr), bases[0])))
     return pairs
@@ -185,7 +176,7 @@ def _pooled_over_tasks(pairs: list[tuple[Cell, Cell]]) -> list[tuple[str, str, C
     units are (task, training seed), for an overall answer across tasks."""
     groups: dict[tuple, list] = {}
     for t, b in pairs:
-        groups.setdefault((t.policy, t.optim, b.optim), []).append((t, b))
+        groups.setdefault((t.policy, t.configuration, b.configuration), []).append((t, b))
 
     def units(c: Cell) -> list[SeedResult]:
         return [SeedResult(f"{c.task}/{s.seed}", s.success, s.val_loss, s.step) for s in c.seeds]
@@ -204,7 +195,7 @@ def _pooled_over_tasks(pairs: list[tuple[Cell, Cell]]) -> list[tuple[str, str, C
 def comparisons(cells: list[Cell]) -> list[tuple[str, str, PairedComparison]]:
     """(task, policy, comparison) for every DoPr cell against its base, then the rows pooled over tasks."""
     pairs = dopr_pairs(cells)
-    compared = sorted(((t.task, t.policy, t, b) for t, b in pairs), key=lambda x: (x[0], x[1], x[2].optim))
+    compared = sorted(((t.task, t.policy, t, b) for t, b in pairs), key=lambda x: (x[0], x[1], x[2].configuration))
     out = []
     for task, policy, t, b in compared + _pooled_over_tasks(pairs):
         p = paired_comparison(t, b)
@@ -216,14 +207,15 @@ def comparisons(cells: list[Cell]) -> list[tuple[str, str, PairedComparison]]:
 def comparison_table(cells: list[Cell]) -> str:
     """Markdown: one row per cell, then one row per paired comparison of a DoPr configuration with its
     base optimizer (and, where the same two were compared on several tasks, one row over all of them)."""
-    lines = ["| task | policy | optimizer | seeds | episodes/seed | success mean (sd) | pooled 95% CI | val loss mean (sd) |",
+    lines = ["| task | policy | optimizer | seeds | episodes/seed | success mean (sd) | pooled 95% CI "
+             "| val loss mean (sd) |",
              "|---|---|---|---|---|---|---|---|"]
-    for c in sorted(cells, key=lambda c: (c.task, c.policy, c.optim)):
+    for c in sorted(cells, key=lambda c: (c.task, c.policy, c.configuration)):
         rm, rs = mean_sd(c.rates())
         vm, vs = mean_sd(c.val_losses())
         k, n, lo, hi = c.pooled_interval()
         eps = n // max(1, len(c.seeds))
-        lines.append(f"| {c.task} | {c.policy} | {c.optim} | {len(c.seeds)} | {eps} | {rm:.3f} ({rs:.3f}) | "
+        lines.append(f"| {c.task} | {c.policy} | {c.configuration} | {len(c.seeds)} | {eps} | {rm:.3f} ({rs:.3f}) | "
                      f"{lo:.3f}-{hi:.3f} | {vm:.4g} ({vs:.2g}) |")
     rows = [f"| {task} | {policy} | {p.treatment} - {p.baseline} | {p.n_seeds} | {p.diff:+.3f} | "
             f"{p.ci_low:+.3f} to {p.ci_high:+.3f} | {p.only_treatment} / {p.only_baseline} | "

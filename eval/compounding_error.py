@@ -12,11 +12,14 @@ Written to <checkpoint>/eval/compounding_error.json (the episodes themselves to
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
 
-from dopr.eval.results import COMPOUNDING_FILE, write_json_atomic
+from dopr.atomic import write_json_atomic
+from dopr.eval.config import EvalConfig
+from dopr.eval.results import COMPOUNDING_FILE
 
 
 def compounding_error_curve(action_errors) -> dict:
@@ -36,27 +39,18 @@ def compounding_error_curve(action_errors) -> dict:
     return {"step": list(range(length)), "mean": mean, "std": std, "count": count}
 
 
-def measure_compounding_error(
-    checkpoint: str,
-    demos: str,
-    episodes: int = 20,
-    workers: int = 1,
-    device: str = "cpu",
-    horizon: int | None = None,
-    out_path: str | None = None,
-    **kwargs,
-) -> dict:
-    """Run the checkpoint from the demonstrations' initial states with expert labelling.
+def measure_compounding_error(checkpoint: str, demos: str, cfg: EvalConfig | None = None, *,
+                              out_path: str | None = None, ema: bool = True) -> dict:
+    """Run the checkpoint from the demonstrations' initial states with expert labelling (cfg's episodes,
+    default 20; its init, demos and labelling are set here).
 
     Returns (and writes atomically to out_path, default <checkpoint>/eval/compounding_error.json)
     the curve plus the protocol and the success of these rollouts.
     """
     from dopr.eval.evaluator import evaluate_checkpoint
 
-    result = evaluate_checkpoint(
-        checkpoint, episodes=episodes, workers=workers, device=device, horizon=horizon, init="demos",
-        demos=demos, label_with_expert=True, out_dir=os.path.join(checkpoint, "eval", "compounding"), **kwargs,
-    )
+    cfg = dataclasses.replace(cfg or EvalConfig(episodes=20), init="demos", demos=demos, label_with_expert=True)
+    result = evaluate_checkpoint(checkpoint, cfg, out_dir=os.path.join(checkpoint, "eval", "compounding"), ema=ema)
     curve = compounding_error_curve(result.action_errors)
     report = {
         "checkpoint": os.path.abspath(checkpoint),

@@ -13,15 +13,14 @@ and writes <out_dir>/report.md with tables and PNG figures, plus report.json (th
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 
-from dopr.data.atomic import atomic_path, read_jsonl, write_json_atomic, write_text_atomic
+from dopr.atomic import atomic_path, write_json_atomic, write_text_atomic
 from dopr.eval.metrics import spearman, wilson_interval
-from dopr.eval.results import COMPOUNDING_FILE, RESULTS_FILE
+from dopr.eval.runs import is_run_folder, read_run_record
 
 
 @dataclass
@@ -43,87 +42,34 @@ class CheckpointRow:
     is_final: bool = False
 
 
-def _read_json(path: str):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: corrupt JSON ({err})") from None
-
-
-def _find(d, *names):
-    """The first of `names` found in d or in its nested dicts (configs nest differently)."""
-    if not isinstance(d, dict):
-        return None
-    for name in names:
-        if d.get(name) is not None and not isinstance(d[name], dict):
-            return d[name]
-    for v in d.values():
-        if isinstance(v, dict):
-            found = _find(v, *names)
-            if found is not None:
-                return found
-    return None
-
-
-def configuration_name(cfg: dict) -> str:
-    """The compared configuration of a run's config.json: its label (e.g. "dopr-adamw:damping=0.3"), else its
-    optimizer."""
-    opt = _find(cfg, "label") or _find(cfg, "optimizer", "optim", "optimizer_name")
-    return str(opt) if opt is not None else "unknown"
-
-
-def _float_or_none(x):
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if math.isnan(x) else x
-
-
 def read_run(run_dir: str) -> tuple[list[CheckpointRow], list[dict], list[dict]]:
     """Checkpoint rows, the metrics.jsonl log and the compounding-error curves of one run folder."""
-    cfg_path = os.path.join(run_dir, "config.json")
-    cfg = _read_json(cfg_path) if os.path.isfile(cfg_path) else {}
-    run = os.path.basename(os.path.normpath(run_dir))
-    optimizer = configuration_name(cfg)
-    policy = str(_find(cfg, "policy_kind", "kind") or _find(cfg, "policy") or "unknown")
-    seed = _find(cfg, "seed")
-    task = _find(cfg, "task")
+    record = read_run_record(run_dir)
+    run, optimizer = record.name, record.configuration
     by_step: dict = {}
     curves = []
-    ckpts = sorted(d for d in os.listdir(run_dir) if d.startswith("ckpt-") and os.path.isdir(os.path.join(run_dir, d)))
-    for name in ckpts:
-        path = os.path.join(run_dir, name)
-        meta_path = os.path.join(path, "meta.json")
-        if not os.path.isfile(meta_path):
-            continue  # a temporary or incomplete checkpoint
-        meta = _read_json(meta_path)
-        row = CheckpointRow(run=run, optimizer=optimizer, policy=policy, seed=seed,
-                            task=_find(meta, "task") or task, checkpoint=path, step=meta.get("step"),
-                            val_loss=_float_or_none(meta.get("val_loss")), is_final=name == "ckpt-final")
-        res_path = os.path.join(path, "eval", RESULTS_FILE)
-        if os.path.isfile(res_path):
-            res = _read_json(res_path)
+    for ckpt in record.checkpoints:
+        row = CheckpointRow(run=run, optimizer=optimizer, policy=record.policy, seed=record.seed, task=ckpt.meta.task,
+                            checkpoint=ckpt.path, step=ckpt.meta.step, val_loss=ckpt.meta.val_loss,
+                            is_final=ckpt.name == "ckpt-final")
+        res = ckpt.results
+        if res is not None:
             row.success_rate, row.ci_low, row.ci_high = res["success_rate"], res["ci_low"], res["ci_high"]
             row.n_episodes = res["n_episodes"]
-            row.init = res.get("protocol", {}).get("init")
-            row.horizon = res.get("protocol", {}).get("horizon")
-        ce_path = os.path.join(path, "eval", COMPOUNDING_FILE)
-        if os.path.isfile(ce_path):
-            curves.append({**_read_json(ce_path), "run": run, "optimizer": optimizer, "ckpt_step": row.step})
+            row.init = res["protocol"]["init"]
+            row.horizon = res["protocol"]["horizon"]
+        if ckpt.compounding_error is not None:
+            curves.append({**ckpt.compounding_error, "run": run, "optimizer": optimizer, "ckpt_step": row.step})
         # ckpt-final usually repeats the last numbered checkpoint: keep one row per step,
         # preferring the one that was evaluated
-        key = row.step if row.step is not None else name
-        old = by_step.get(key)
+        old = by_step.get(row.step)
         if old is None or (old.success_rate is None and row.success_rate is not None):
             row.is_final = row.is_final or (old is not None and old.is_final)
-            by_step[key] = row
+            by_step[row.step] = row
         elif row.is_final:
             old.is_final = True
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    metrics = read_jsonl(metrics_path) if os.path.isfile(metrics_path) else []
-    rows = sorted(by_step.values(), key=lambda r: (r.step is None, r.step or 0))
+    metrics = record.metrics()
+    rows = sorted(by_step.values(), key=lambda r: r.step)
     if rows and not any(r.is_final for r in rows):
         rows[-1].is_final = True  # the latest checkpoint stands for the run
     return rows, metrics, curves
@@ -166,6 +112,9 @@ def build_report(run_dirs: list[str], out_dir: str = "out/report", cells=None) -
         raise ValueError("dopr report: no run folders given (expected runs/NAME with ckpt-*/ inside)")
     rows, metrics, curves = [], {}, []
     for d in run_dirs:
+        if not is_run_folder(d):
+            print(f"dopr report: {d}: no config.json (not a dopr train run folder), skipped")
+            continue
         r, m, c = read_run(d)
         if not r:
             print(f"dopr report: {d}: no checkpoints with meta.json, skipped")
@@ -305,7 +254,8 @@ def _markdown(rows, evaluated, correlations, optimizers, curves, figures) -> str
     lines += [f"{len(runs)} runs, {len(rows)} checkpoints ({len(evaluated)} evaluated closed-loop); "
               f"optimizers: {', '.join(optimizers)}; tasks: {', '.join(tasks)}.", ""]
     lines += ["## At a glance", ""]
-    lines.append(f"- Pooled over all evaluated checkpoints: {_verdict(correlations['pooled']['rho'], correlations['pooled']['n'])}.")
+    pooled = correlations["pooled"]
+    lines.append(f"- Pooled over all evaluated checkpoints: {_verdict(pooled['rho'], pooled['n'])}.")
     for opt in optimizers:
         c = correlations[opt]
         lines.append(f"- {opt}: {_verdict(c['rho'], c['n'])}.")
@@ -325,10 +275,12 @@ def _markdown(rows, evaluated, correlations, optimizers, curves, figures) -> str
                 f"{'ranked the optimizers as success did' if same else 'did NOT rank the optimizers as success did'}")
         if not same:
             # The disagreement matters only where the two arms' pooled 95% intervals separate.
-            (lo_s, hi_s), (lo_l, hi_l) = _pooled_interval(by_opt[best_success[0]]), _pooled_interval(by_opt[best_loss[0]])
+            (lo_s, hi_s) = _pooled_interval(by_opt[best_success[0]])
+            (lo_l, hi_l) = _pooled_interval(by_opt[best_loss[0]])
             both = f"{best_loss[0]} {lo_l:.2f}-{hi_l:.2f}, {best_success[0]} {lo_s:.2f}-{hi_s:.2f}"
             if hi_l >= lo_s:
-                line += f", but their pooled 95% intervals overlap ({both}): the episodes do not resolve that difference"
+                line += (f", but their pooled 95% intervals overlap ({both}): the episodes do not resolve that "
+                         f"difference")
             else:
                 line += (f"; their pooled 95% intervals separate ({both}): choosing by validation loss would have "
                          f"cost {best_success[2] - best_loss[2]:.2f} in success")
@@ -349,11 +301,14 @@ def _markdown(rows, evaluated, correlations, optimizers, curves, figures) -> str
     lines.append("")
     lines += ["## Figures", ""]
     captions = {
-        "success_vs_val_loss.png": "Success vs validation loss, one point per evaluated checkpoint, coloured by optimizer.",
-        "training_curves.png": "Validation loss (left) and closed-loop success (right) against training step, one line per run.",
+        "success_vs_val_loss.png":
+            "Success vs validation loss, one point per evaluated checkpoint, coloured by optimizer.",
+        "training_curves.png":
+            "Validation loss (left) and closed-loop success (right) against training step, one line per run.",
         "compounding_error.png": "Action error against rollout step from demonstration start states (expert labels).",
         "paired_differences.png": "DoPr minus its base optimizer in success rate, paired by training seed and episode "
-                                  "seed: grey dots are seeds, the bar the mean with its 95% t-interval (red: excludes 0).",
+                                  "seed: grey dots are seeds, the bar the mean with its 95% t-interval "
+                                  "(red: excludes 0).",
     }
     for name in figures:
         lines += [f"![{name}]({name})", "", captions[name], ""]
@@ -367,7 +322,8 @@ def _markdown(rows, evaluated, correlations, optimizers, curves, figures) -> str
                      f"{r.init or '-'} | {_fmt(r.horizon, '')} |")
     if curves:
         lines += ["", "## Compounding error", "",
-                  "| run | step | episodes | error at first step | error at last step with all episodes running | max mean error |",
+                  "| run | step | episodes | error at first step | error at last step with all episodes running "
+                  "| max mean error |",
                   "|---|---|---|---|---|---|"]
         for c in curves:
             full = [m for m, n in zip(c["mean"], c["count"]) if n == c["count"][0]] if c["mean"] else []

@@ -16,8 +16,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 
-# write_json_atomic is imported from here by the evaluator, the report and the compounding-error check
-from dopr.data.atomic import json_default, read_jsonl, write_json_atomic, write_text_atomic  # noqa: F401
+from dopr.atomic import json_default, read_jsonl, write_text_atomic
 
 RESULTS_FILE = "results.json"
 EPISODES_FILE = "episodes.jsonl"

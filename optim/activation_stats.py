@@ -7,8 +7,8 @@ gradient with Sigma = (1/n) sum_i z_i z_i^T, where z gets a trailing 1 when the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import weakref
+from dataclasses import dataclass
 from functools import partial
 
 import torch

@@ -35,7 +35,8 @@ def parse_args(argv):
     p.add_argument("--width", type=int, default=256, help="MLP hidden width")
     p.add_argument("--depth", type=int, default=3, help="MLP hidden layers")
     p.add_argument("--unet-dims", type=int, nargs="+", default=[64, 128, 256],
-                   help="UNet down_dims (the diffusion policy's full size is 256 512 1024: minutes per step on one CPU thread)")
+                   help="UNet down_dims (the diffusion policy's full size is 256 512 1024: minutes per step on one "
+                        "CPU thread)")
     p.add_argument("--unet-batch", type=int, default=64, help="UNet batch size")
     p.add_argument("--horizon", type=int, default=16, help="UNet action horizon")
     p.add_argument("--no-unet", action="store_true", help="skip the UNet")
@@ -69,7 +70,8 @@ def main(argv=None) -> int:
                                       precond_every=args.precond_every).items() if v is not None}
     defaults = {k: v.default for k, v in inspect.signature(DoPr).parameters.items()}
     settings = {**defaults, **dopr_kw}  # report the settings actually measured
-    period = settings["precond_every"] * settings["stats_every"] // _gcd(settings["precond_every"], settings["stats_every"])
+    every = (settings["precond_every"], settings["stats_every"])
+    period = every[0] * every[1] // _gcd(*every)
     steps = period * args.periods
     print(f"device {device}, {args.threads} thread(s); DoPr damping={settings['damping']} stats={settings['stats']} "
           f"stats_every={settings['stats_every']} precond_every={settings['precond_every']}; "
@@ -143,7 +145,8 @@ def main(argv=None) -> int:
             return ConditionalUnet1D(a_dim, cond_dim, down_dims=tuple(args.unet_dims))
 
         n_params = sum(p.numel() for p in make_unet().parameters())
-        compare(f"1D-conv UNet down_dims={tuple(args.unet_dims)} ({n_params / 1e6:.1f}M params), horizon {args.horizon}, "
+        compare(f"1D-conv UNet down_dims={tuple(args.unet_dims)} ({n_params / 1e6:.1f}M params), "
+                f"horizon {args.horizon}, "
                 f"batch {b}", make_unet, lambda m: nn.functional.mse_loss(m(sample, t, cond), sample))
 
     # ---- 2. optimizer-step cost against layer width

@@ -157,7 +157,8 @@ class DoPr(torch.optim.Optimizer):
             if id(module.weight) in seen or _is_excluded(exclude, name, module):
                 continue
             if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
-                warnings.warn(f"DoPr: conv layer '{name}' has groups={module.groups}; it gets no AP (base optimizer only)")
+                warnings.warn(f"DoPr: conv layer '{name}' has groups={module.groups}; it gets no AP "
+                              f"(base optimizer only)")
                 continue
             seen.add(id(module.weight))
             self.layers.append(_Layer(name, module))
@@ -267,7 +268,8 @@ class DoPr(torch.optim.Optimizer):
         for l, n in zip(self.layers, count.tolist()):
             d = l.weight[0].numel()
             if n > 0:
-                out[l.name] = InputMoments(flat[offset:offset + d * d].view(d, d), flat[offset + d * d:offset + d * d + d], int(n))
+                second = flat[offset:offset + d * d].view(d, d)
+                out[l.name] = InputMoments(second, flat[offset + d * d:offset + d * d + d], int(n))
             offset += d * d + d
         return out
 
@@ -312,7 +314,8 @@ class DoPr(torch.optim.Optimizer):
                 self._warned_unseen.add(l.name)
                 warnings.warn(f"DoPr: layer '{l.name}' has a gradient but its forward was never observed "
                               "(called functionally?); it keeps its last preconditioner, or none")
-        factors = factorize([l.name for l in layers], [sigmas[l.name] for l in layers], self.damping, self.damping_floor)
+        names = [l.name for l in layers]
+        factors = factorize(names, [sigmas[n] for n in names], self.damping, self.damping_floor)
         for l, f in zip(layers, factors):
             state = self.state[l.weight]
             state.pop("ap_inverse", None)

@@ -17,7 +17,8 @@ def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_rat
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, min_ratio: float = 0.0):
-    """A LambdaLR scaling every group's initial lr by `warmup_cosine_factor`; call `.step()` after each optimizer step."""
+    """A LambdaLR scaling every group's initial lr by `warmup_cosine_factor`; call `.step()` after each
+    optimizer step."""
     if warmup_steps < 0 or total_steps < 1 or not 0.0 <= min_ratio <= 1.0:
         raise ValueError(f"warmup_cosine: need warmup_steps >= 0, total_steps >= 1, 0 <= min_ratio <= 1; "
                          f"got {warmup_steps}, {total_steps}, {min_ratio}")

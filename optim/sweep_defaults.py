@@ -21,7 +21,7 @@ import argparse
 import math
 import time
 
-from dopr.data.atomic import write_json_atomic
+from dopr.atomic import write_json_atomic
 
 
 def make_demos(n_demos: int, steps: int, seed: int, obs_dim: int = 19, act_dim: int = 7):
@@ -35,7 +35,8 @@ def make_demos(n_demos: int, steps: int, seed: int, obs_dim: int = 19, act_dim: 
     dyn_dim, pose_dim = 4, 3
     lift_s = torch.randn(dyn_dim, 12, generator=world)
     lift_o = torch.randn(pose_dim, 4, generator=world)
-    expert = [torch.randn(obs_dim, 64, generator=world) / math.sqrt(obs_dim), torch.randn(64, act_dim, generator=world) / 8]
+    expert = [torch.randn(obs_dim, 64, generator=world) / math.sqrt(obs_dim),
+              torch.randn(64, act_dim, generator=world) / 8]
     g = torch.Generator().manual_seed(seed)
     pose = torch.randn(n_demos, pose_dim, generator=g)
     s = torch.randn(n_demos, dyn_dim, generator=g) * 0.5
@@ -112,7 +113,8 @@ def main(argv=None) -> int:
         if args.only and name not in args.only:
             continue
         t0 = time.perf_counter()
-        runs = [run(opt_name, kw, seed, args.steps, args.demos) for seed in range(args.first_seed, args.first_seed + args.seeds)]
+        seeds = range(args.first_seed, args.first_seed + args.seeds)
+        runs = [run(opt_name, kw, seed, args.steps, args.demos) for seed in seeds]
         results[name] = runs
         tr = sum(r[0] for r in runs) / len(runs)
         va = [r[1] for r in runs]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dopr.data.atomic import write_json_atomic
+from dopr.atomic import write_json_atomic
 from dopr.policies.config import PolicyConfig
 from dopr.policies.mlp_policy import MLPPolicy
 from dopr.policies.policy import Policy
@@ -171,7 +171,8 @@ def load_train_state(ckpt_dir) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for truncated/corrupt/unsafe pickles
-        raise CheckpointError(f"{path}: cannot be loaded with weights_only=True ({type(err).__name__}: {err})") from None
+        raise CheckpointError(f"{path}: cannot be loaded with weights_only=True "
+                              f"({type(err).__name__}: {err})") from None
 
 
 def latest_checkpoint(run_dir) -> Path | None:

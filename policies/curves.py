@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from dopr.data.atomic import read_jsonl
+from dopr.atomic import read_jsonl
 
 
 def read_metrics(run_dir) -> list[dict]:

@@ -39,7 +39,8 @@ class BasicBlock(nn.Module):
         self.shortcut = (
             nn.Identity()
             if stride == 1 and in_ch == out_ch
-            else nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.GroupNorm(min(groups, out_ch), out_ch))
+            else nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False),
+                               nn.GroupNorm(min(groups, out_ch), out_ch))
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,8 @@ class BasicBlock(nn.Module):
 
 
 class ImageEncoder(nn.Module):
-    """uint8 (N, H, W, 3) -> (N, feature_dim): crop, scale to [0, 1], stem, one residual block per stage, average pool."""
+    """uint8 (N, H, W, 3) -> (N, feature_dim): crop, scale to [0, 1], stem, one residual block per stage,
+    average pool."""
 
     def __init__(self, image_shape, feature_dim: int = 64, channels=(32, 64, 128), crop_ratio: float = 0.9):
         super().__init__()

@@ -24,7 +24,8 @@ class ObsEncoder(nn.Module):
         self.config = config
         self.image_encoders = module_dict(
             {
-                key: ImageEncoder(config.obs_shapes[key], config.image_feature_dim, config.image_channels, config.crop_ratio)
+                key: ImageEncoder(config.obs_shapes[key], config.image_feature_dim, config.image_channels,
+                                  config.crop_ratio)
                 for key in config.image_keys
             }
         )
@@ -38,14 +39,16 @@ class ObsEncoder(nn.Module):
         batch = None
         for key in cfg.obs_shapes:
             if key not in obs:
-                raise KeyError(f"observation key {key!r} missing (policy expects {list(cfg.obs_shapes)}, got {sorted(obs)})")
+                raise KeyError(f"observation key {key!r} missing (policy expects {list(cfg.obs_shapes)}, "
+                               f"got {sorted(obs)})")
             x = obs[key]
             if x.shape[1] < cfg.n_obs_steps:
                 raise ValueError(f"observation {key!r} has {x.shape[1]} steps, the policy needs To = {cfg.n_obs_steps}")
             x = x[:, -cfg.n_obs_steps :]  # callers may pass a longer window (a dataset window of Tp steps)
             batch = x.shape[0]
             if key in cfg.image_keys:
-                feats = self.image_encoders[module_name(key)](x.reshape(-1, *x.shape[2:])).reshape(batch, cfg.n_obs_steps, -1)
+                encoder = self.image_encoders[module_name(key)]
+                feats = encoder(x.reshape(-1, *x.shape[2:])).reshape(batch, cfg.n_obs_steps, -1)
             else:
                 feats = normalizer.normalize(key, x.float().reshape(batch, cfg.n_obs_steps, -1))
             parts.append(feats)

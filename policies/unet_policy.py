@@ -26,7 +26,8 @@ class UnetPolicy(Policy):
             raise ValueError(f"UnetPolicy objective must be 'diffusion' or 'flow', got {config.kind!r}")
         factor = 2 ** (len(config.down_dims) - 1)
         if config.horizon % factor:
-            raise ValueError(f"horizon Tp = {config.horizon} must be divisible by {factor} for down_dims {config.down_dims}")
+            raise ValueError(f"horizon Tp = {config.horizon} must be divisible by {factor} for down_dims "
+                             f"{config.down_dims}")
         self.model = ConditionalUnet1D(
             input_dim=config.action_dim,
             global_cond_dim=self.obs_encoder.output_dim,
@@ -46,10 +47,6 @@ class UnetPolicy(Policy):
             )
             self.train_scheduler = DDPMScheduler(**kwargs)
             self.sample_scheduler = (DDIMScheduler if config.sampler == "ddim" else DDPMScheduler)(**kwargs)
-
-    @property
-    def objective(self) -> str:
-        return self.config.kind
 
     def _noise(self, shape, generator, device) -> torch.Tensor:
         return torch.randn(shape, generator=generator, device=device)

@@ -11,7 +11,7 @@ BENCHMARKS = {
     "data": "dopr.data.bench",
     "lerobot": "dopr.data.bench:main_lerobot",
     "collect": "dopr.envs.bench",
-    "train": "dopr.policies.bench",
+    "train": "dopr.train.bench",
     "eval": "dopr.eval.bench",
     "serve": "dopr.deploy.bench",
 }

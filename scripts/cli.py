@@ -36,13 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"dopr.scripts.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"dopr.scripts.{name}":
-                raise
-            continue  # a stage whose command is not written yet
-        module.add_parser(sub)
+        importlib.import_module(f"dopr.scripts.{name}").add_parser(sub)
     return parser
 
 

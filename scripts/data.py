@@ -190,7 +190,8 @@ def main_split(args) -> int:
 
 def main_check_replay(args) -> int:
     from dopr import envs
-    from dopr.data import EpisodeStore, check_replay
+    from dopr.data import EpisodeStore
+    from dopr.envs.replay import check_replay
 
     store = EpisodeStore.open(args.path, mode="r")
     attrs = dict(store.attrs)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dopr.eval.config import EvalConfig
+from dopr.options import add_options, from_args
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -19,73 +22,55 @@ def add_parser(sub) -> None:
         ),
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/NAME/ckpt-final")
-    p.add_argument("--episodes", type=int, default=50, help="number of episodes (default 50)")
-    p.add_argument("--workers", type=int, default=1, help="simulator worker processes (default 1)")
-    p.add_argument("--device", default="cpu", help="device the policy runs on: cpu, cuda, cuda:1 (default cpu)")
-    p.add_argument("--seed-base", type=int, default=100_000, help="episode i uses seed SEED_BASE+i (default 100000)")
-    p.add_argument("--init", choices=("random", "demos"), default="random",
-                   help="initial states: seeded random (default) or the demonstrations' first states (needs --demos)")
-    p.add_argument("--demos", default=None, help="episode store (.zarr) for --init demos, --horizon-mult and --compounding-error")
-    horizon = p.add_mutually_exclusive_group()
-    horizon.add_argument("--horizon", type=int, default=None, help="episode length limit (default: the task's horizon)")
-    horizon.add_argument("--horizon-mult", type=float, default=None,
-                         help="horizon = this multiple of the longest demonstration in --demos "
-                              "(of the task's typical expert episode without --demos), e.g. 2")
-    p.add_argument("--n-action-steps", type=int, default=None,
-                   help="actions executed per policy call, at most the policy's Ta (default Ta)")
-    p.add_argument("--videos", type=int, default=0, help="write mp4 videos of the first K episodes (default 0)")
+    add_options(p, EvalConfig)
+    p.add_argument("--horizon-mult", type=float, default=None,
+                   help="horizon = this multiple of the longest demonstration in --demos "
+                        "(of the task's typical expert episode without --demos), e.g. 2; not with --horizon")
     p.add_argument("--out", default=None, help="output folder (default <checkpoint>/eval)")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA weights")
-    p.add_argument("--episode-timeout", type=float, default=600.0,
-                   help="seconds an episode may take before its worker counts as hung and is restarted (default 600)")
     p.add_argument("--compounding-error", action="store_true",
                    help="instead: run from the demonstrations' initial states (--demos) with the expert labelling "
                         "every state reached and write <checkpoint>/eval/compounding_error.json")
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads for the policy on CPU (default: cores minus workers, at least 1, so the "
                         "policy does not fight the simulators for cores)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
+    import dataclasses
     import json
-    import sys
-
-    from dopr.envs import task_spec
-    from dopr.eval.compounding_error import measure_compounding_error
-    from dopr.eval.evaluator import CheckpointMismatch, checkpoint_task, demo_initial_states, evaluate_checkpoint, resolve_horizon
-    from dopr.policies import CheckpointError, load_checkpoint_meta
-
     import os
+    import sys
 
     import torch
 
+    from dopr.envs import task_spec
+    from dopr.eval.compounding_error import measure_compounding_error
+    from dopr.eval.evaluator import CheckpointMismatch, demo_initial_states, evaluate_checkpoint, resolve_horizon
+    from dopr.eval.runs import CheckpointMeta
+    from dopr.policies import CheckpointError
+
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) - args.workers))
     try:
-        if args.init == "demos" and not args.demos:
-            raise ValueError("--init demos needs --demos STORE.zarr")
         if args.compounding_error and not args.demos:
             raise ValueError("--compounding-error needs --demos STORE.zarr (the start states and the task's expert)")
-        task = checkpoint_task(load_checkpoint_meta(args.checkpoint))
-        horizon = args.horizon
+        cfg = from_args(EvalConfig, args)
         if args.horizon_mult is not None:
+            task = CheckpointMeta.read(args.checkpoint).task
             if task is None:
                 raise ValueError(f"{args.checkpoint}/meta.json records no task; use --horizon")
             lengths = demo_initial_states(args.demos, task)[1] if args.demos else None
             spec = task_spec(task)
-            horizon = resolve_horizon(spec.horizon, None, args.horizon_mult, lengths, spec.demo_steps)
-        common = dict(episodes=args.episodes, workers=args.workers, device=args.device, horizon=horizon,
-                      seed_base=args.seed_base, n_action_steps=args.n_action_steps, ema=not args.no_ema,
-                      episode_timeout_s=args.episode_timeout, progress=not args.quiet)
+            horizon = resolve_horizon(spec.horizon, cfg.horizon, args.horizon_mult, lengths, spec.demo_steps)
+            cfg = dataclasses.replace(cfg, horizon=horizon)
         if args.compounding_error:
-            curve = measure_compounding_error(args.checkpoint, args.demos, **common)
+            curve = measure_compounding_error(args.checkpoint, args.demos, cfg, ema=not args.no_ema)
             print(f"compounding error over {curve['episodes']} episodes from demonstration starts: "
                   f"step 0 {curve['mean'][0]:.4f}, max {max(curve['mean']):.4f} "
                   f"(success {curve['success_rate']:.3f}); written to {args.checkpoint}/eval/compounding_error.json")
             return 0
-        result = evaluate_checkpoint(args.checkpoint, init=args.init, demos=args.demos, videos=args.videos,
-                                     out_dir=args.out, **common)
+        result = evaluate_checkpoint(args.checkpoint, cfg, out_dir=args.out, ema=not args.no_ema)
     except KeyboardInterrupt as err:
         print(f"\ndopr eval: {err or 'interrupted'}", file=sys.stderr)
         return 130

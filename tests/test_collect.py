@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from dopr.data import EpisodeStore
-from dopr.data.replay import replay_episode
 from dopr.envs import make, make_expert
 from dopr.envs.collect import CollectConfig, collect
+from dopr.envs.replay import replay_episode
 
 # Reacher with a horizon of 22 steps: the expert needs about 21, so some seeded episodes fail
 # and keep-only-success has to skip seeds. Both properties are what these tests are about.
@@ -134,6 +134,18 @@ def test_lift_with_two_workers(tmp_path):
     assert store.attrs["episode_seeds"] == summary.seeds
 
 
+def test_hung_worker_ends_collection_with_a_clear_error_and_no_process_left(tmp_path):
+    import multiprocessing as mp
+
+    # every episode takes longer than the timeout: the worker counts as hung, is killed, and the
+    # collection stops with what it has (nothing here) instead of waiting forever
+    with pytest.raises(RuntimeError, match=r"seed 0: worker 0 \(pid \d+\) timed out"):
+        collect(CollectConfig(n_episodes=2, out=str(tmp_path / "h.zarr"), workers=1, episode_timeout_s=1e-3,
+                              **SHORT))
+    assert not [p for p in mp.active_children() if p.name.startswith("dopr-collect-worker")]
+    assert EpisodeStore.open(tmp_path / "h.zarr").n_episodes == 0
+
+
 def test_killed_collector_resumes_without_losing_or_repeating_episodes(tmp_path):
     """SIGKILL a real collector process mid-run, then run the same collection again."""
     import os
@@ -155,7 +167,7 @@ def test_killed_collector_resumes_without_losing_or_repeating_episodes(tmp_path)
                 try:
                     if EpisodeStore.open(out).n_episodes >= 4:
                         break
-                except Exception:  # noqa: BLE001 -- caught between the store's creation steps
+                except Exception:  # caught between the store's creation steps
                     pass
         proc.send_signal(signal.SIGKILL)
     finally:

@@ -4,7 +4,8 @@ in the real simulator, and a store whose actions were changed is caught."""
 import numpy as np
 import pytest
 
-from dopr.data import EpisodeStore, check_replay
+from dopr.data import EpisodeStore
+from dopr.envs.replay import check_replay
 from dopr.scripts.cli import main as dopr
 
 envs = pytest.importorskip("dopr.envs")

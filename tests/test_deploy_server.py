@@ -171,13 +171,14 @@ def run_episode(env, runner, seed, horizon):
 
 def test_closed_loop_through_the_server_matches_direct_evaluation(tmp_path):
     from dopr.envs import make, task_spec
+    from dopr.eval.config import EvalConfig
     from dopr.eval.evaluator import evaluate_checkpoint
 
     torch.set_num_threads(1)
     ckpt = train_small_policy(tmp_path)
     seed_base, episodes = 100_000, 8
-    direct = evaluate_checkpoint(str(ckpt), episodes=episodes, workers=1, seed_base=seed_base, progress=False,
-                                 out_dir=str(tmp_path / "eval"))
+    cfg = EvalConfig(episodes=episodes, workers=1, seed_base=seed_base, progress=False)
+    direct = evaluate_checkpoint(str(ckpt), cfg, out_dir=str(tmp_path / "eval"))
     direct_eps = sorted(direct.episodes, key=lambda r: r["episode"])
     assert any(r["success"] for r in direct_eps), "the trained policy never succeeds: the comparison would be empty"
 
@@ -199,7 +200,8 @@ def test_closed_loop_through_the_server_matches_direct_evaluation(tmp_path):
 def test_served_diffusion_checkpoint_draws_noise_from_the_seeded_generator(tmp_path):
     """`dopr serve CKPT --seed S` on a generative policy answers what predict_action(generator(S)) gives."""
     torch.manual_seed(0)
-    cfg = PolicyConfig(kind="diffusion", obs_shapes=OBS_SHAPES, action_dim=3, n_obs_steps=2, horizon=8, n_action_steps=3,
+    cfg = PolicyConfig(kind="diffusion", obs_shapes=OBS_SHAPES, action_dim=3, n_obs_steps=2, horizon=8,
+                       n_action_steps=3,
                        down_dims=[16, 32], timestep_embed_dim=16, n_groups=4, num_inference_steps=4, sampler="ddpm")
     ckpt = save_checkpoint(tmp_path / "diff", build_policy(cfg), meta={"task": "lift", "control_freq": 20.0})
     obs = valid_obs(np.random.default_rng(6), batch=2)

@@ -10,7 +10,7 @@ import pytest
 import dopr.envs
 from dopr.envs import list_tasks, make, make_expert, task_spec
 from dopr.envs.measure_experts import measure_success, run_episode
-from dopr.envs.rendering import RenderingUnavailable, offscreen_rendering_error
+from dopr.envs.rendering import offscreen_rendering_error
 
 ROBOSUITE_TASKS = ["lift", "can", "square", "stack", "nut_assembly"]
 
@@ -212,16 +212,15 @@ def test_clear_error_when_rendering_is_unavailable():
         "env = dopr.envs.make('lift'); env.reset(seed=0)\n"
         "try:\n"
         "    dopr.envs.make('lift', obs='image')\n"
-        "except dopr.envs.rendering.RenderingUnavailable as err:\n"
-        "    print('ERROR:', err)\n"
+        "except RuntimeError as err:  # what a caller that knows no dopr error type catches\n"
+        "    print('ERROR:', type(err).__name__, err)\n"
     )
     env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "PYOPENGL_PLATFORM")}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(env, MUJOCO_GL="glfw"), timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "ERROR:" in out.stdout and "apt-get install -y libosmesa6" in out.stdout
+    assert "ERROR: RenderingUnavailable" in out.stdout and "apt-get install -y libosmesa6" in out.stdout
     assert "MUJOCO_GL=osmesa" in out.stdout
-    assert issubclass(RenderingUnavailable, RuntimeError)
 
 
 def test_robosuite_import_noise_is_silenced():
@@ -232,5 +231,6 @@ def test_robosuite_import_noise_is_silenced():
 
 
 def test_package_exports():
-    for name in ("make", "make_expert", "task_spec", "list_tasks", "TaskSpec"):
-        assert hasattr(dopr.envs, name)
+    spec = dopr.envs.task_spec("lift")
+    assert isinstance(spec, dopr.envs.TaskSpec) and spec.name == "lift" and "lift" in dopr.envs.list_tasks()
+    assert dopr.envs.make is dopr.envs.tasks.make and callable(dopr.envs.make_expert("lift").act)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from dopr.eval.config import EvalConfig
 from dopr.eval.metrics import spearman, success_stats, wilson_interval
 
 TASK = "reacher"
@@ -127,7 +128,7 @@ def reference(checkpoint):
     """4 episodes with one worker: the results every other configuration must reproduce."""
     from dopr.eval import evaluate_checkpoint
 
-    return evaluate_checkpoint(checkpoint, episodes=4, workers=1, horizon=HORIZON, progress=False)
+    return evaluate_checkpoint(checkpoint, EvalConfig(episodes=4, workers=1, horizon=HORIZON, progress=False))
 
 
 def _fingerprint(records):
@@ -156,11 +157,11 @@ def test_results_files_record_protocol_and_episodes(checkpoint, reference):
 def test_same_seeds_same_results_regardless_of_worker_count(checkpoint, reference, tmp_path):
     from dopr.eval import evaluate_checkpoint
 
-    again = evaluate_checkpoint(checkpoint, episodes=4, workers=2, horizon=HORIZON, out_dir=str(tmp_path),
-                                progress=False)
+    again = evaluate_checkpoint(checkpoint, EvalConfig(episodes=4, workers=2, horizon=HORIZON, progress=False),
+                                out_dir=str(tmp_path))
     assert _fingerprint(again.episodes) == _fingerprint(reference.episodes)
-    shifted = evaluate_checkpoint(checkpoint, episodes=2, workers=1, horizon=HORIZON, seed_base=7,
-                                  out_dir=str(tmp_path / "other"), progress=False)
+    shifted = evaluate_checkpoint(checkpoint, EvalConfig(episodes=2, horizon=HORIZON, seed_base=7, progress=False),
+                                  out_dir=str(tmp_path / "other"))
     assert [e["return"] for e in shifted.episodes] != [e["return"] for e in reference.episodes[:2]]
 
 
@@ -185,8 +186,8 @@ def test_policies_that_draw_noise_are_stepped_in_lockstep(checkpoint, reference,
     from dopr.eval import evaluate_policy
     from dopr.policies import load_policy
 
-    result = evaluate_policy(_NoiseDrawingPolicy(load_policy(checkpoint)), TASK, episodes=4, workers=2,
-                             horizon=HORIZON, out_dir=str(tmp_path), progress=False)
+    result = evaluate_policy(_NoiseDrawingPolicy(load_policy(checkpoint)), TASK,
+                             EvalConfig(episodes=4, workers=2, horizon=HORIZON, progress=False), out_dir=str(tmp_path))
     assert result.timing["schedule"] == "lockstep"
     assert reference.timing["schedule"] == "pipelined"
     assert _fingerprint(result.episodes) == _fingerprint(reference.episodes)
@@ -196,10 +197,12 @@ def test_killed_worker_is_recorded_and_evaluation_goes_on(checkpoint, reference,
     from dopr.eval import evaluate_policy
     from dopr.policies import load_policy
 
-    # 2 workers: worker 0 runs episode 0 first; kill it (SIGKILL, a real process) at the 3rd control round
-    policy = _KillingPolicy(load_policy(checkpoint), at_call=3, sig=signal.SIGKILL)
-    result = evaluate_policy(policy, TASK, episodes=4, workers=2, horizon=HORIZON, out_dir=str(tmp_path),
-                             progress=False)
+    # 2 workers: worker 0 runs episode 0 first; kill it (SIGKILL, a real process) at the 3rd control round.
+    # Lockstep (the policy draws noise), so every worker has answered two rounds by then and the killed
+    # episode has steps to record; pipelined, worker 1 could take rounds 2 and 3 alone under load.
+    policy = _KillingPolicy(_NoiseDrawingPolicy(load_policy(checkpoint)), at_call=3, sig=signal.SIGKILL)
+    result = evaluate_policy(policy, TASK, EvalConfig(episodes=4, workers=2, horizon=HORIZON, progress=False),
+                             out_dir=str(tmp_path))
     assert policy.killed_pid is not None
     assert result.n_episodes == 4 and result.n_errors == 1 and result.timing["worker_restarts"] == 1
     (failed,) = [e for e in result.episodes if e["error"]]
@@ -219,8 +222,8 @@ def test_hung_worker_times_out_and_is_restarted(checkpoint, reference, tmp_path)
 
     # SIGSTOP freezes the worker: it neither answers nor dies, as a simulator stuck in a loop
     policy = _KillingPolicy(load_policy(checkpoint), at_call=2, sig=signal.SIGSTOP)
-    result = evaluate_policy(policy, TASK, episodes=3, workers=1, horizon=HORIZON, out_dir=str(tmp_path),
-                             episode_timeout_s=5.0, progress=False)
+    cfg = EvalConfig(episodes=3, workers=1, horizon=HORIZON, episode_timeout_s=5.0, progress=False)
+    result = evaluate_policy(policy, TASK, cfg, out_dir=str(tmp_path))
     assert result.n_errors == 1 and "timed out" in result.episodes[0]["error"]
     assert _fingerprint(result.episodes[1:]) == _fingerprint(reference.episodes[1:3])
 
@@ -233,8 +236,7 @@ def test_ctrl_c_keeps_finished_episodes(checkpoint, tmp_path):
     # one worker, 8 control rounds per episode (30 steps / 4): SIGINT during the third episode
     policy = _KillingPolicy(load_policy(checkpoint), at_call=20, sig=signal.SIGINT, worker_name=None)
     with pytest.raises(KeyboardInterrupt):
-        evaluate_policy(policy, TASK, episodes=5, workers=1, horizon=HORIZON, out_dir=str(tmp_path),
-                        progress=False)
+        evaluate_policy(policy, TASK, EvalConfig(episodes=5, horizon=HORIZON, progress=False), out_dir=str(tmp_path))
     kept = read_episodes(str(tmp_path / "episodes.jsonl"))
     assert [e["episode"] for e in kept] == [0, 1]
     with open(tmp_path / "results.json") as f:
@@ -248,19 +250,19 @@ def test_checkpoint_of_another_task_or_schema_is_refused(tmp_path):
 
     ckpt = _save_checkpoint(tmp_path / "ckpt-a")
     with pytest.raises(CheckpointMismatch, match="reacher"):
-        evaluate_checkpoint(ckpt, episodes=1, task="inverted_double_pendulum", progress=False)
+        evaluate_checkpoint(ckpt, EvalConfig(episodes=1, progress=False), task="inverted_double_pendulum")
     # recorded task inverted_double_pendulum (action_dim 1), but the policy's action size is reacher's
     wrong = _save_checkpoint(tmp_path / "ckpt-b", meta_task="inverted_double_pendulum", obs_dim=10)
     with pytest.raises(CheckpointMismatch, match="action_dim"):
-        evaluate_checkpoint(wrong, episodes=1, progress=False)
+        evaluate_checkpoint(wrong, EvalConfig(episodes=1, progress=False))
     # trained at another control rate (reacher runs at 50 Hz)
     slow = _save_checkpoint(tmp_path / "ckpt-d", control_freq=20.0)
     with pytest.raises(CheckpointMismatch, match="control_freq"):
-        evaluate_checkpoint(slow, episodes=1, progress=False)
+        evaluate_checkpoint(slow, EvalConfig(episodes=1, progress=False))
     # right keys, wrong observation size: found on the environment's first observation
     short = _save_checkpoint(tmp_path / "ckpt-c", obs_dim=5)
     with pytest.raises(CheckpointMismatch, match=r"'observation' has shape \[5\]"):
-        evaluate_checkpoint(short, episodes=1, horizon=HORIZON, progress=False)
+        evaluate_checkpoint(short, EvalConfig(episodes=1, horizon=HORIZON, progress=False))
 
 
 @pytest.fixture(scope="module")
@@ -279,7 +281,7 @@ def test_demo_initial_states_and_compounding_error(checkpoint, demos):
     from dopr.eval import measure_compounding_error
     from dopr.policies import load_policy
 
-    curve = measure_compounding_error(checkpoint, demos, episodes=2, workers=1, horizon=HORIZON, progress=False)
+    curve = measure_compounding_error(checkpoint, demos, EvalConfig(episodes=2, horizon=HORIZON, progress=False))
     assert curve["count"][0] == 2 and len(curve["mean"]) == HORIZON
     assert all(a >= b for a, b in zip(curve["count"], curve["count"][1:]))
     with open(os.path.join(checkpoint, "eval", "compounding_error.json")) as f:
@@ -306,8 +308,8 @@ def test_video_of_first_episode(checkpoint, tmp_path):
 
     from dopr.eval import evaluate_checkpoint
 
-    result = evaluate_checkpoint(checkpoint, episodes=2, workers=1, horizon=10, videos=1, out_dir=str(tmp_path),
-                                 progress=False)
+    result = evaluate_checkpoint(checkpoint, EvalConfig(episodes=2, horizon=10, videos=1, progress=False),
+                                 out_dir=str(tmp_path))
     first, second = result.episodes
     assert "video" not in second
     if first.get("video") is None:

@@ -8,17 +8,18 @@ import os
 
 import pytest
 
-# arms with their own settings: the settings must reach the runs, and the labels the table
-DOPR_ARM, ADAMW_ARM = "dopr-adamw:damping=0.3:lr=1e-3", "adamw:lr=1e-3"
+# configurations with their own settings: the settings must reach the runs, and the names the table
+DOPR_CONFIG, ADAMW_CONFIG = "dopr-adamw:damping=0.3:lr=1e-3", "adamw:lr=1e-3"
 
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory):
-    from dopr.scripts.experiment import ExperimentConfig, run_experiment
+    from dopr.eval.experiment import ExperimentConfig, run_experiment
 
     out = tmp_path_factory.mktemp("experiment")
-    cfg = ExperimentConfig(tasks=["reacher"], policies=["mlp"], optims=[DOPR_ARM, ADAMW_ARM], seeds=2, demos=6,
-                           steps={"mlp": 40}, eval_every=20, eval_episodes=3, compounding_episodes=2, workers=1, batch_size=32,
+    cfg = ExperimentConfig(tasks=["reacher"], policies=["mlp"], optims=[DOPR_CONFIG, ADAMW_CONFIG], seeds=2, demos=6,
+                           steps={"mlp": 40}, eval_every=20, eval_episodes=3, compounding_episodes=2, workers=1,
+                           batch_size=32,
                            out=str(out))
     table = run_experiment(cfg)
     return cfg, table
@@ -28,20 +29,21 @@ def test_experiment_table_has_every_cell_and_the_paired_comparison(experiment):
     cfg, table = experiment
     rows = [r for r in table.splitlines() if r.startswith("| reacher")]
     cells = [r for r in rows if r.count("|") == 9]
-    assert sorted(r.split("|")[3].strip() for r in cells) == [ADAMW_ARM, DOPR_ARM]
+    assert sorted(r.split("|")[3].strip() for r in cells) == [ADAMW_CONFIG, DOPR_CONFIG]
     for r in cells:
         assert r.split("|")[4].strip() == "2"  # seeds
         assert r.split("|")[5].strip() == "3"  # episodes per seed
-    paired = [r for r in rows if f"{DOPR_ARM} - {ADAMW_ARM}" in r]
+    paired = [r for r in rows if f"{DOPR_CONFIG} - {ADAMW_CONFIG}" in r]
     assert len(paired) == 1
     for run in os.listdir(os.path.join(cfg.out, "runs")):
         train_cfg = json.loads(open(os.path.join(cfg.out, "runs", run, "config.json")).read())
         assert train_cfg["lr"] == 1e-3, run
         if run.startswith("reacher-mlp-dopr-adamw_damping0.3_lr1e-3-s"):
-            assert (train_cfg["optim"], train_cfg["damping"], train_cfg["label"]) == ("dopr-adamw", 0.3, DOPR_ARM)
+            assert (train_cfg["optim"], train_cfg["damping"]) == ("dopr-adamw", 0.3)
+            assert train_cfg["configuration"] == DOPR_CONFIG
         else:
             assert run.startswith("reacher-mlp-adamw_lr1e-3-s"), run
-            assert (train_cfg["optim"], train_cfg["label"]) == ("adamw", ADAMW_ARM)
+            assert (train_cfg["optim"], train_cfg["configuration"]) == ("adamw", ADAMW_CONFIG)
     # every run was evaluated at step 20 and at the end, next to its validation loss
     for run in os.listdir(os.path.join(cfg.out, "runs")):
         metrics = [json.loads(line) for line in open(os.path.join(cfg.out, "runs", run, "metrics.jsonl"))]
@@ -52,7 +54,7 @@ def test_experiment_table_has_every_cell_and_the_paired_comparison(experiment):
 
 
 def test_experiment_reuses_demos_and_finished_runs(experiment, capsys):
-    from dopr.scripts.experiment import run_experiment
+    from dopr.eval.experiment import run_experiment
 
     cfg, table = experiment
     finals = {run: os.path.getmtime(os.path.join(cfg.out, "runs", run, "ckpt-final", "meta.json"))
@@ -64,7 +66,7 @@ def test_experiment_reuses_demos_and_finished_runs(experiment, capsys):
 
 
 def test_experiment_config_file_rejects_unknown_options(tmp_path):
-    from dopr.scripts.experiment import ExperimentConfig
+    from dopr.eval.experiment import ExperimentConfig
 
     good = tmp_path / "exp.toml"
     good.write_text('tasks = ["lift", "can"]\nseeds = 5\n[steps]\nmlp = 100\n')
@@ -84,11 +86,11 @@ def test_experiment_config_file_rejects_unknown_options(tmp_path):
     ("dopr-adamw:lr=fast", "lr='fast' is not a float"),
     ("dopr-adamw:lr=1e-3:lr=3e-3", "lr given twice"),
 ])
-def test_experiment_arm_specs_are_checked(spec, message):
-    from dopr.scripts.experiment import Arm
+def test_experiment_configuration_specs_are_checked(spec, message):
+    from dopr.eval.experiment import Configuration
 
     with pytest.raises(ValueError, match=message):
-        Arm.parse(spec)
-    arm = Arm.parse("dopr-muon:lr=3e-4:precond_every=20:stats=ema")
-    assert (arm.optim, arm.slug) == ("dopr-muon", "dopr-muon_lr3e-4_precond_every20_statsema")
-    assert (arm.setting("precond_every", 10), arm.setting("damping", 0.1)) == (20, 0.1)
+        Configuration.parse(spec)
+    configuration = Configuration.parse("dopr-muon:lr=3e-4:precond_every=20:stats=ema")
+    assert (configuration.optim, configuration.slug) == ("dopr-muon", "dopr-muon_lr3e-4_precond_every20_statsema")
+    assert (configuration.setting("precond_every", 10), configuration.setting("damping", 0.1)) == (20, 0.1)

@@ -13,6 +13,7 @@ from torch import nn
 
 from dopr.optim import DoPr, build, warmup_cosine, warmup_cosine_factor
 from dopr.optim.base_updates import adamw_update
+
 # spawned DDP workers must import what they run: the shared pieces live in an importable module
 from dopr.tests.optim_helpers import ConvNet, batches, ddp_worker, mlp, train
 
@@ -52,12 +53,14 @@ def test_adamw_update_paths_take_torch_adamw_steps(fused):
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
-def test_ap_off_takes_torch_muon_steps_on_matrices():
+# match_rms_adamw is what dopr train uses for every *muon optimizer (its 0.2 sets Muon's lr scale)
+@pytest.mark.parametrize("adjust_lr_fn", ["original", "match_rms_adamw"])
+def test_ap_off_takes_torch_muon_steps_on_matrices(adjust_lr_fn):
     data = batches(20, (16, 12), 5)
     ref, ours = mlp(), mlp()
     matrices = [m.weight for m in ref if isinstance(m, nn.Linear)]
     rest = [p for p in ref.parameters() if all(p is not q for q in matrices)]
-    muon = torch.optim.Muon(matrices, lr=0.02, weight_decay=0.05, momentum=0.9)
+    muon = torch.optim.Muon(matrices, lr=0.02, weight_decay=0.05, momentum=0.9, adjust_lr_fn=adjust_lr_fn)
     # fused: the AdamW kernel DoPr runs on a CPU (Muon's bfloat16 rounding would amplify the last-bit
     # differences of another AdamW kernel in the biases into visible ones in the matrices)
     adamw = torch.optim.AdamW(rest, lr=0.02, weight_decay=0.05, fused=True)
@@ -65,7 +68,7 @@ def test_ap_off_takes_torch_muon_steps_on_matrices():
         muon.zero_grad(), adamw.zero_grad()
         F.mse_loss(ref(x), y).backward()
         muon.step(), adamw.step()
-    opt = build("muon", ours, lr=0.02, weight_decay=0.05, momentum=0.9)
+    opt = build("muon", ours, lr=0.02, weight_decay=0.05, momentum=0.9, adjust_lr_fn=adjust_lr_fn)
     assert isinstance(opt, DoPr) and not opt.precondition
     train(ours, opt, data)
     # bfloat16 Newton-Schulz: same ops in the same order, so the match is exact up to float32 rounding

@@ -57,7 +57,8 @@ def stats_of(batch):
 
 @pytest.mark.parametrize("mode", ["limits", "gaussian"])
 def test_normalizer_round_trip_and_range(mode):
-    x = torch.randn(100, 3, dtype=torch.float64).float() * torch.tensor([1.0, 10.0, 0.0]) + torch.tensor([0.0, 5.0, 7.0])
+    scale, shift = torch.tensor([1.0, 10.0, 0.0]), torch.tensor([0.0, 5.0, 7.0])
+    x = torch.randn(100, 3, dtype=torch.float64).float() * scale + shift
     xs = x.double().numpy()
     stats = {"k": {"min": xs.min(0), "max": xs.max(0), "mean": xs.mean(0), "std": xs.std(0)}}
     n = Normalizer({"k": 3}, stats, mode=mode)
@@ -149,6 +150,18 @@ def test_overfits_tiny_dataset(kind, images, steps, loss_ratio, single_thread):
     err = (chunk - batch["action"]).pow(2).mean().item()
     spread = batch["action"].var().item()
     assert err < 0.3 * spread, (err, spread)
+
+
+@pytest.mark.parametrize("kind,n_obs_steps", [("mlp", 1), ("mlp", 3), ("flow", 2)])
+def test_executed_actions_start_at_the_current_step(kind, n_obs_steps):
+    # the chunk's step To-1 is the current one (the last observation's), so the robot executes
+    # steps To-1 .. To-1+Ta-1: one step later would skip the action for the present state
+    cfg = make_config(kind, n_obs_steps=n_obs_steps, horizon=8, n_action_steps=4)
+    batch = make_batch(cfg)
+    policy = build_policy(cfg, stats_of(batch)).eval()
+    chunk = policy.sample_chunk(batch["obs"], generator=torch.Generator().manual_seed(1))
+    executed = policy.predict_action(batch["obs"], generator=torch.Generator().manual_seed(1))
+    assert torch.equal(executed, chunk[:, n_obs_steps - 1:n_obs_steps - 1 + 4])
 
 
 @pytest.mark.parametrize("kind,sampler", [("diffusion", "ddpm"), ("diffusion", "ddim"), ("flow", "ddpm")])

@@ -19,8 +19,8 @@ TAB10_BLUE, TAB10_ORANGE = (31, 119, 180), (255, 127, 14)  # matplotlib's first 
 def runs(tmp_path_factory):
     """Two tiny real training runs, every checkpoint evaluated closed-loop, one compounding-error curve."""
     from dopr.envs.collect import CollectConfig, collect
-    from dopr.eval import evaluate_checkpoint, measure_compounding_error
-    from dopr.scripts.train import TrainConfig, train
+    from dopr.eval import EvalConfig, evaluate_checkpoint, measure_compounding_error
+    from dopr.train import TrainConfig, train
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("report")
@@ -33,9 +33,10 @@ def runs(tmp_path_factory):
                           ckpt_every=20, log_every=20, threads=1, progress=False, horizon=8, n_action_steps=4,
                           val_ratio=0.34))
         for ckpt in ("ckpt-0000020", "ckpt-final"):  # ckpt-0000040 stays unevaluated
-            evaluate_checkpoint(str(out / ckpt), episodes=2, horizon=20, progress=False)
+            evaluate_checkpoint(str(out / ckpt), EvalConfig(episodes=2, horizon=20, progress=False))
         dirs.append(str(out))
-    measure_compounding_error(os.path.join(dirs[1], "ckpt-final"), demos, episodes=2, horizon=20, progress=False)
+    measure_compounding_error(os.path.join(dirs[1], "ckpt-final"), demos,
+                              EvalConfig(episodes=2, horizon=20, progress=False))
     return dirs
 
 
@@ -51,7 +52,8 @@ def test_report_from_real_runs(runs, tmp_path):
 
     path = build_report(runs, str(tmp_path))
     md = open(path).read()
-    rows = [line for line in md.splitlines() if line.startswith("| ") and ("| adamw |" in line or "| dopr-adamw |" in line)]
+    rows = [line for line in md.splitlines()
+            if line.startswith("| ") and ("| adamw |" in line or "| dopr-adamw |" in line)]
     # the all-checkpoints table (11 columns): run, optimizer, policy, seed, step, val loss, success, CI, ...
     table = [[c.strip() for c in r.strip("|").split("|")] for r in rows if r.count("|") == 12]
     assert len(table) == 6  # 2 runs x steps 20, 40, 60 (ckpt-final repeats step 60 and is merged)
@@ -79,9 +81,10 @@ def test_report_from_real_runs(runs, tmp_path):
 
 def test_report_correlations_match_hand_computed(runs, tmp_path):
     """Same real runs with chosen success rates (results.json written by the evaluator's own code)."""
+    from dopr.atomic import write_json_atomic
     from dopr.eval.metrics import success_stats
     from dopr.eval.report import build_report
-    from dopr.eval.results import EvalResult, write_json_atomic
+    from dopr.eval.results import EvalResult
 
     copies = []
     for run in runs:
@@ -94,7 +97,8 @@ def test_report_correlations_match_hand_computed(runs, tmp_path):
     for run in copies:
         opt = os.path.basename(run)
         for ckpt, k in zip(("ckpt-0000020", "ckpt-0000040", "ckpt-final"), chosen[opt]):
-            episodes = [{"episode": i, "success": i < k, "steps": 5, "return": 0.0, "time_to_success": 5 if i < k else None}
+            episodes = [{"episode": i, "success": i < k, "steps": 5, "return": 0.0,
+                         "time_to_success": 5 if i < k else None}
                         for i in range(20)]
             result = EvalResult(task=TASK, **vars(success_stats(episodes)), protocol={"init": "random", "horizon": 20})
             write_json_atomic(os.path.join(run, ckpt, "eval", "results.json"), result.summary())

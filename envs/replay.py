@@ -1,8 +1,7 @@
 """Replay stored actions from a stored simulator state and check the outcome is reproduced.
 
-The env comes from the caller (a factory), so data/ does not import envs/: any env with
-`reset_to_state(state) -> obs`, `get_state()` and gymnasium's `step` returning
-`info["success"]` works (the contract of dopr.envs).
+The env comes from the caller (a factory): any env with `reset_to_state(state) -> obs`, `get_state()`
+and gymnasium's `step` returning `info["success"]` works (the contract of dopr.envs).
 """
 
 from __future__ import annotations
@@ -10,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from dopr.envs.episode import EpisodeLoop
 
 
 @dataclass
@@ -51,19 +52,18 @@ def replay_episode(store, episode: int, env, state_key: str = "state", action_ke
     action_key = action_key or replay_action_key(store)
     data = store.get_episode(episode, keys=[state_key, action_key])
     states, actions = data[state_key], data[action_key]
-    env.reset_to_state(states[0])
-    success, errors, steps = False, [], 0
+    loop = EpisodeLoop(env, stop_on_success=False)  # the stored episode decides where it ends
+    loop.start(env.reset_to_state(states[0]))
+    errors = []
     for t, action in enumerate(actions):
-        _, _, terminated, truncated, info = env.step(action)
-        steps += 1
-        success = success or bool(info.get("success", False))
+        loop.step(action)
         if t + 1 < len(states):
             state = np.asarray(env.get_state())
             if state.shape == states[t + 1].shape:
                 errors.append(float(np.max(np.abs(state - states[t + 1]))))
-        if terminated or truncated:
+        if loop.done:
             break
-    return ReplayResult(episode, steps, stored_success(store, episode, success_key), success,
+    return ReplayResult(episode, loop.steps, stored_success(store, episode, success_key), loop.success,
                         max(errors) if errors else float("nan"))
 
 

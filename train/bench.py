@@ -13,36 +13,39 @@ import json
 import shutil
 from pathlib import Path
 
-POLICIES = ("mlp", "diffusion", "flow")
-OPTIMIZERS = ("adamw", "dopr-adamw", "muon", "dopr-muon")
-
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="dopr bench train", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="out/demos/lift100.zarr", help="episode store (default %(default)s)")
-    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated (default %(default)s)")
-    p.add_argument("--optims", default=",".join(OPTIMIZERS), help="comma-separated (default %(default)s)")
-    p.add_argument("--steps", type=int, default=40, help="timed steps per combination, after as many untimed (default %(default)s)")
+    p.add_argument("--policies", default=None, help="comma-separated (default: every policy kind)")
+    p.add_argument("--optims", default=None, help="comma-separated (default: every optimizer)")
+    p.add_argument("--steps", type=int, default=40,
+                   help="timed steps per combination, after as many untimed (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=256, help="MLP batch size (default %(default)s)")
     p.add_argument("--unet-batch-size", type=int, default=64, help="diffusion/flow batch size (default %(default)s)")
     p.add_argument("--down-dims", default="64,128,256",
-                   help="UNet widths (default %(default)s: the 256,512,1024 recipe takes ~5 s per step of 64 on one CPU core)")
+                   help="UNet widths (default %(default)s: the 256,512,1024 recipe takes ~5 s per step of 64 on "
+                        "one CPU core)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
     p.add_argument("--out", default="out/bench/train", help="scratch run folders (default %(default)s)")
     args = p.parse_args(argv)
 
-    from dopr.scripts.train import TrainConfig, train
+    from dopr.train.config import MLP_KINDS, OPTIMIZERS, POLICY_KINDS, TrainConfig
+    from dopr.train.loop import train
 
     if not Path(args.data).exists():
-        raise SystemExit(f"{args.data}: no episode store; collect one with `dopr collect --task lift --episodes 100 --out {args.data}`")
+        raise SystemExit(f"{args.data}: no episode store; collect one with "
+                         f"`dopr collect --task lift --episodes 100 --out {args.data}`")
     rows = []
-    for policy in [x for x in args.policies.split(",") if x]:
-        for optim in [x for x in args.optims.split(",") if x]:
+    policies = [x for x in args.policies.split(",") if x] if args.policies else list(POLICY_KINDS)
+    optims = [x for x in args.optims.split(",") if x] if args.optims else list(OPTIMIZERS)
+    for policy in policies:
+        for optim in optims:
             out = Path(args.out) / f"{policy}-{optim}"
             shutil.rmtree(out, ignore_errors=True)
-            batch = args.batch_size if policy == "mlp" else args.unet_batch_size
+            batch = args.batch_size if policy in MLP_KINDS else args.unet_batch_size
             cfg = TrainConfig(
                 data=args.data, out=str(out), policy=policy, optim=optim, steps=2 * args.steps, batch_size=batch,
                 val_ratio=0.0, val_every=0, ckpt_every=0, log_every=args.steps, threads=args.threads,

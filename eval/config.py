@@ -1,0 +1,43 @@
+"""`EvalConfig`: every closed-loop evaluation option, declared once with its help text (`dopr eval`'s
+command line is generated from it)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dopr.options import option
+
+DEFAULT_SEED_BASE = 100_000  # far from the seeds demonstrations are collected with (0, 1, ...)
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = option(50, "number of episodes (default %(default)s)")
+    workers: int = option(1, "simulator worker processes (default %(default)s)")
+    device: str = option("cpu", "device the policy runs on: cpu, cuda, cuda:1 (default %(default)s)")
+    seed_base: int = option(DEFAULT_SEED_BASE, "episode i uses seed SEED_BASE+i (default %(default)s)")
+    horizon: int | None = option(None, "episode length limit (default: the task's horizon)")
+    init: str = option("random", "initial states: seeded random (default) or the demonstrations' first states "
+                                 "(needs --demos)", choices=("random", "demos"))
+    demos: str | None = option(None, "episode store (.zarr) for --init demos, --horizon-mult and --compounding-error")
+    n_action_steps: int | None = option(None, "actions executed per policy call, at most the policy's Ta (default Ta)")
+    videos: int = option(0, "write mp4 videos of the first K episodes (default %(default)s)")
+    episode_timeout_s: float = option(
+        600.0, "seconds an episode may take before its worker counts as hung and is restarted (default %(default)s)",
+        flags=("--episode-timeout",))
+    progress: bool = option(True, "no progress bar", flags=("--quiet",))
+    # not on the command line: set by the callers that need them
+    stop_on_success: bool = True  # end an episode at its first success
+    label_with_expert: bool = False  # the task's expert labels every state reached (compounding error)
+    # Policy batches are padded to this many rows: CPU matrix kernels sum tiny batches in another order
+    # (measured: batch 1-3 vs >= 4 differ in the last float32 bit), so without padding an episode's actions
+    # would depend on how many episodes share its batch, i.e. on the worker count.
+    pad_batch: int = 8
+
+    def __post_init__(self):
+        if self.init not in ("random", "demos"):
+            raise ValueError(f"init must be 'random' or 'demos', got {self.init!r}")
+        if self.episodes < 1:
+            raise ValueError(f"episodes must be >= 1, got {self.episodes}")
+        if self.init == "demos" and self.demos is None:
+            raise ValueError("init='demos' needs demos=<path to an EpisodeStore> (--demos STORE.zarr)")

@@ -1,0 +1,200 @@
+"""The whole DoPr comparison (`dopr experiment`): collect, train with periodic closed-loop evaluation, report.
+
+Each entry of --optims is a configuration being compared: an optimizer, optionally with its own settings
+after colons, e.g. `adamw:lr=1e-3,dopr-adamw:lr=1e-3,dopr-adamw:lr=1e-3:damping=0.3:stats=ema`
+(lr, damping, stats, precond_every; a configuration's settings override the flags of the same name). DoPr
+configurations are compared, paired, with that of their base optimizer at the same lr (else its first one).
+
+Everything it makes lives under one folder (default out/experiment):
+
+    demos/<task>-<n>.zarr                     demonstrations, shared by every run of a task
+    runs/<task>-<policy>-<config>-s<seed>/    one training run, evaluated at every checkpoint
+    report/report.md, *.png                   the TTF report over all runs
+    table.md                                  success and validation loss per cell, paired comparisons
+
+It is resumable: demonstrations are topped up to the requested count, finished runs (a ckpt-final
+with evaluation results) are skipped, an interrupted run resumes from its latest checkpoint, and a
+final checkpoint without results is evaluated. Interrupt it at any time and run the same command again.
+"""
+
+from __future__ import annotations
+
+import json
+import typing
+from dataclasses import asdict, dataclass, field, fields
+
+from dopr.options import option, reuse
+from dopr.train.config import OPTIMIZERS, TrainConfig
+
+SETTINGS = ("lr", "damping", "stats", "precond_every")  # what a configuration may set after its optimizer's name
+
+
+@dataclass
+class ExperimentConfig:
+    # The built-in default is the small version README's main command runs (about 15 minutes on 2
+    # cores): lift with few demonstrations, where closed-loop success is not saturated.
+    tasks: list[str] = option(help="comma-separated tasks (default %(default)s)", default_factory=lambda: ["lift"])
+    policies: list[str] = option(help="comma-separated policy kinds (default %(default)s)",
+                                 default_factory=lambda: ["mlp"])
+    optims: list[str] = option(
+        help="configurations: optimizer names, each optionally with ':KEY=VALUE' settings (lr, damping, stats, "
+             "precond_every) (default %(default)s)", default_factory=lambda: ["dopr-adamw", "adamw"])
+    seeds: int = option(3, "training seeds per cell, seed_offset .. seed_offset + seeds - 1 (default %(default)s)")
+    seed_offset: int = option(0, "first training seed (keep tuning seeds apart from reporting seeds)")
+    demos: int = option(20, "demonstrations per task (default %(default)s)")
+    # covers recoveries
+    demo_noise_std: float = option(0.1, "expert action noise while collecting; labels stay clean (default %(default)s)")
+    # training steps per policy kind; the --steps flag sets one number for all
+    steps: dict[str, int] = field(default_factory=lambda: {"mlp": 3000, "diffusion": 20000, "flow": 20000})
+    # closed-loop evaluation of every such checkpoint, next to its val loss
+    eval_every: int = reuse(TrainConfig, "eval_every", 1000)
+    eval_episodes: int = reuse(TrainConfig, "eval_episodes")  # the same episode seeds for every run
+    horizon: int | None = option(None, "evaluation horizon (default: the task's)")
+    compounding_episodes: int = option(
+        20, "rollouts from demonstration start states for the compounding-error curve, 0 = none (default %(default)s)")
+    workers: int = option(2, "simulator worker processes for collection and evaluation (default %(default)s)")
+    lr: float | None = reuse(TrainConfig, "lr")
+    damping: float | None = reuse(TrainConfig, "damping")
+    stats: str | None = reuse(TrainConfig, "stats")
+    precond_every: int | None = reuse(TrainConfig, "precond_every")
+    batch_size: int = reuse(TrainConfig, "batch_size")
+    down_dims: list[int] = reuse(TrainConfig, "down_dims")  # 32,64,128 trains in reasonable time on a CPU
+    # torch threads per training process. One: the simulator workers and other jobs share the cores, and an
+    # oversubscribed OpenMP pool is catastrophic (a 256x3 MLP step measured 13 ms on 1 thread, 470 ms on 2
+    # threads with one other busy process on 2 cores).
+    threads: int = reuse(TrainConfig, "threads", 1)
+    out: str = option("out/experiment", "experiment folder (default %(default)s)")
+    demos_dir: str | None = option(
+        None, "folder of demonstration stores to share between experiments (default OUT/demos)")
+
+    @classmethod
+    def from_file(cls, path: str) -> "ExperimentConfig":
+        """A JSON or TOML file whose keys are this dataclass's fields."""
+        import tomllib
+
+        with open(path, "rb") as f:
+            raw = tomllib.load(f) if path.endswith(".toml") else json.load(f)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown experiment option(s) {unknown}; known: {sorted(known)}")
+        if raw.get("down_dims", ...) is None:  # written by older versions for "the training default"
+            raw.pop("down_dims")
+        return cls(**raw)
+
+
+@dataclass(frozen=True)
+class Configuration:
+    """One configuration being compared: "dopr-adamw:damping=0.3:lr=1e-3" is dopr-adamw with those settings;
+    `name` is what reports and tables call it."""
+
+    name: str
+    optim: str
+    settings: tuple[tuple[str, object], ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str) -> "Configuration":
+        types_ = {key: typing.get_args(typing.get_type_hints(TrainConfig)[key])[0] for key in SETTINGS}
+        optim, *items = spec.split(":")
+        if optim not in OPTIMIZERS:
+            raise ValueError(f"--optims entry {spec!r}: unknown optimizer {optim!r}; choose from {list(OPTIMIZERS)}")
+        settings = {}
+        for item in items:
+            key, sep, value = item.partition("=")
+            if not sep or key not in SETTINGS:
+                raise ValueError(f"--optims entry {spec!r}: {item!r} is not KEY=VALUE with KEY one of {list(SETTINGS)}")
+            if key in settings:
+                raise ValueError(f"--optims entry {spec!r}: {key} given twice")
+            try:
+                settings[key] = types_[key](value)
+            except ValueError:
+                raise ValueError(f"--optims entry {spec!r}: {key}={value!r} is not a {types_[key].__name__}") from None
+        if not optim.startswith("dopr") and set(settings) - {"lr"}:
+            raise ValueError(f"--optims entry {spec!r}: {sorted(set(settings) - {'lr'})} only apply to dopr-* "
+                             f"optimizers")
+        return cls(spec, optim, tuple(settings.items()))
+
+    @property
+    def slug(self) -> str:
+        """The name as a folder name: "dopr-adamw:damping=0.3" -> "dopr-adamw_damping0.3"."""
+        return self.name.replace(":", "_").replace("=", "")
+
+    def setting(self, key: str, default):
+        return dict(self.settings).get(key, default)
+
+def run_experiment(cfg: ExperimentConfig) -> str:
+    """Runs what is missing of the experiment; returns the markdown table."""
+    import sys
+    import time
+    from collections import Counter
+    from pathlib import Path
+
+    from dopr.envs import list_tasks
+    from dopr.envs.collect import CollectConfig, collect
+    from dopr.eval import EvalConfig, checkpoint_success_rate, evaluate_checkpoint, measure_compounding_error
+    from dopr.eval.comparison import cells_from_runs, comparison_table
+    from dopr.eval.report import build_report
+    from dopr.eval.results import COMPOUNDING_FILE, RESULTS_FILE
+    from dopr.train import POLICY_KINDS, train
+
+    for name, values, allowed in (("task", cfg.tasks, list_tasks()), ("policy", cfg.policies, POLICY_KINDS)):
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            raise ValueError(f"unknown {name}(s) {bad}; choose from {list(allowed)}")
+    configurations = [Configuration.parse(spec) for spec in cfg.optims]
+    clash = sorted(slug for slug, n in Counter(c.slug for c in configurations).items() if n > 1)
+    if clash:
+        raise ValueError(f"--optims names the same configuration twice: {clash}")
+    bars = sys.stderr.isatty()  # progress bars in a terminal; a log file gets the [experiment] lines
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "experiment.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    started = time.time()
+
+    run_dirs = []
+    for task in cfg.tasks:
+        demos = Path(cfg.demos_dir or out / "demos") / f"{task}-{cfg.demos}.zarr"
+        print(f"[experiment] {task}: {cfg.demos} demonstrations -> {demos}", flush=True)
+        collect(CollectConfig(task=task, n_episodes=cfg.demos, out=str(demos), workers=cfg.workers,
+                              seed=0, noise_std=cfg.demo_noise_std, progress=bars))
+        for policy in cfg.policies:
+            for configuration in configurations:
+                for seed in range(cfg.seed_offset, cfg.seed_offset + cfg.seeds):
+                    run = out / "runs" / f"{task}-{policy}-{configuration.slug}-s{seed}"
+                    run_dirs.append(str(run))
+                    final = run / "ckpt-final"
+                    if (final / "eval" / RESULTS_FILE).exists():
+                        print(f"[experiment] {run.name}: trained and evaluated, reused", flush=True)
+                    elif final.exists():
+                        print(f"[experiment] {run.name}: evaluating the final checkpoint", flush=True)
+                        evaluate_checkpoint(str(final), EvalConfig(episodes=cfg.eval_episodes, workers=cfg.workers,
+                                                                   horizon=cfg.horizon, progress=bars))
+                    else:
+                        resume = "latest" if any(run.glob("ckpt-*")) else None
+                        print(f"[experiment] {run.name}: {'resuming' if resume else 'training'}", flush=True)
+                        train_cfg = TrainConfig(
+                            data=str(demos), out=str(run), policy=policy, optim=configuration.optim,
+                            configuration=configuration.name, steps=cfg.steps[policy], seed=seed,
+                            batch_size=cfg.batch_size, down_dims=cfg.down_dims, threads=cfg.threads,
+                            # the configuration's own settings, else the experiment's flags of the same name
+                            **{key: configuration.setting(key, getattr(cfg, key)) for key in SETTINGS},
+                            val_every=cfg.eval_every, ckpt_every=cfg.eval_every,
+                            eval_every=cfg.eval_every, eval_episodes=cfg.eval_episodes, eval_workers=cfg.workers,
+                            eval_horizon=cfg.horizon, resume=resume, progress=bars,
+                        )
+                        train(train_cfg, checkpoint_success_rate(train_cfg))
+                    # The compounding-error curve: the final policy from the demonstrations' start states,
+                    # its actions against the expert's labels in the states it reaches.
+                    if cfg.compounding_episodes and not (final / "eval" / COMPOUNDING_FILE).exists():
+                        print(f"[experiment] {run.name}: compounding-error curve", flush=True)
+                        episodes = min(cfg.compounding_episodes, cfg.demos)
+                        measure_compounding_error(str(final), str(demos), EvalConfig(
+                            episodes=episodes, workers=cfg.workers, horizon=cfg.horizon, progress=bars))
+
+    cells = cells_from_runs(run_dirs)
+    report_md = build_report(run_dirs, str(out / "report"), cells=cells)
+    table = comparison_table(cells)
+    minutes = (time.time() - started) / 60
+    (out / "table.md").write_text(table + f"\n\nWall time of this invocation: {minutes:.1f} min.\n")
+    print(f"[experiment] report: {report_md}; table: {out / 'table.md'} ({minutes:.1f} min)", flush=True)
+    return table

@@ -1,0 +1,60 @@
+"""metrics.jsonl and TensorBoard: one record per logged step, and the throughput window it reports."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from dopr.atomic import read_jsonl, write_text_atomic
+
+
+class MetricsLog:
+    """metrics.jsonl (flushed per line) and TensorBoard. On resume, lines after the resumed step
+    (and a line cut by a kill) are dropped, so the file reads as one run."""
+
+    def __init__(self, run_dir: Path, start_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = run_dir / "metrics.jsonl"
+        kept = []
+        if self.path.exists():
+            kept = [rec for rec in read_jsonl(self.path) if rec.get("step", 0) <= start_step]
+        write_text_atomic(self.path, "".join(json.dumps(rec) + "\n" for rec in kept))
+        self.file = open(self.path, "a")
+        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)) and v is not None:
+                self.tb.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        self.file.close()
+        self.tb.close()
+
+
+class ThroughputWindow:
+    """Mean training loss, steps/s and the data loader's share of the time since the last logged step.
+    Validation and evaluation are not training throughput: `pause_ended()` restarts the clock after them."""
+
+    def __init__(self):
+        self.loss_sum, self.data_s, self.steps, self.start = 0.0, 0.0, 0, time.perf_counter()
+
+    def add(self, loss, data_s: float) -> None:
+        self.loss_sum += loss.detach().float()  # a tensor: no device sync per step
+        self.data_s += data_s
+        self.steps += 1
+
+    def pause_ended(self) -> None:
+        self.start = time.perf_counter()
+
+    def take(self) -> dict:
+        """The window's record; a new window begins."""
+        elapsed = time.perf_counter() - self.start
+        record = {"train_loss": float(self.loss_sum) / self.steps, "steps_per_s": self.steps / elapsed,
+                  "data_frac": self.data_s / elapsed}
+        self.__init__()
+        return record
