@@ -1,4 +1,7 @@
-"""The TTF report: did lower validation loss mean higher closed-loop success?
+"""The test-time feedback (TTF) report: did lower validation loss mean higher closed-loop success?
+
+A policy trained on one-step targets runs on its own predictions (test-time feedback), so its errors
+compound; validation loss measures the first, success the second.
 
 `build_report(run_dirs, out_dir)` reads training runs (any mix of optimizers, seeds, policies):
 

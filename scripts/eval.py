@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -19,8 +28,8 @@ def add_parser(sub) -> None:
         ),
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/NAME/ckpt-final")
-    p.add_argument("--episodes", type=int, default=50, help="number of episodes (default 50)")
-    p.add_argument("--workers", type=int, default=1, help="simulator worker processes (default 1)")
+    p.add_argument("--episodes", type=positive_int, default=50, help="number of episodes (default 50)")
+    p.add_argument("--workers", type=positive_int, default=1, help="simulator worker processes (default 1)")
     p.add_argument("--device", default="cpu", help="device the policy runs on: cpu, cuda, cuda:1 (default cpu)")
     p.add_argument("--seed-base", type=int, default=100_000, help="episode i uses seed SEED_BASE+i (default 100000)")
     p.add_argument("--init", choices=("random", "demos"), default="random",
@@ -33,7 +42,8 @@ def add_parser(sub) -> None:
                               "(of the task's typical expert episode without --demos), e.g. 2")
     p.add_argument("--n-action-steps", type=int, default=None,
                    help="actions executed per policy call, at most the policy's Ta (default Ta)")
-    p.add_argument("--videos", type=int, default=0, help="write mp4 videos of the first K episodes (default 0)")
+    p.add_argument("--videos", type=int, default=0, help="write mp4 videos of the first K episodes (default 0); needs offscreen rendering "
+                        "(MUJOCO_GL=egl on a GPU machine, libosmesa6 on a CPU machine) and refuses at once without it")
     p.add_argument("--out", default=None, help="output folder (default <checkpoint>/eval)")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA weights")
     p.add_argument("--episode-timeout", type=float, default=600.0,
@@ -53,6 +63,7 @@ def main(args) -> int:
     import sys
 
     from dopr.envs import task_spec
+    from dopr.envs.rendering import RenderingUnavailable, require_offscreen_rendering
     from dopr.eval.compounding_error import measure_compounding_error
     from dopr.eval.evaluator import CheckpointMismatch, checkpoint_task, demo_initial_states, evaluate_checkpoint, resolve_horizon
     from dopr.policies import CheckpointError, load_checkpoint_meta
@@ -67,6 +78,8 @@ def main(args) -> int:
             raise ValueError("--init demos needs --demos STORE.zarr")
         if args.compounding_error and not args.demos:
             raise ValueError("--compounding-error needs --demos STORE.zarr (the start states and the task's expert)")
+        if args.videos and not args.compounding_error:
+            require_offscreen_rendering("videos (--videos)")
         task = checkpoint_task(load_checkpoint_meta(args.checkpoint))
         horizon = args.horizon
         if args.horizon_mult is not None:
@@ -89,7 +102,7 @@ def main(args) -> int:
     except KeyboardInterrupt as err:
         print(f"\ndopr eval: {err or 'interrupted'}", file=sys.stderr)
         return 130
-    except (CheckpointMismatch, CheckpointError, ValueError, KeyError, FileNotFoundError) as err:
+    except (CheckpointMismatch, CheckpointError, RenderingUnavailable, ValueError, KeyError, FileNotFoundError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"dopr eval: error: {message}", file=sys.stderr)
         return 2

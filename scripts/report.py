@@ -1,4 +1,4 @@
-"""`dopr report`: closed-loop success against validation loss across runs (the TTF report)."""
+"""`dopr report`: closed-loop success against validation loss across runs (the test-time feedback, TTF, report)."""
 
 from __future__ import annotations
 
