@@ -64,7 +64,7 @@ def main(args) -> int:
 
     from dopr.envs import task_spec
     from dopr.envs.rendering import RenderingUnavailable, require_offscreen_rendering
-    from dopr.eval.compounding_error import measure_compounding_error
+    from dopr.eval.compounding_error import measure_compounding_error, shown_part
     from dopr.eval.evaluator import CheckpointMismatch, checkpoint_task, demo_initial_states, evaluate_checkpoint, resolve_horizon
     from dopr.policies import CheckpointError, load_checkpoint_meta
 
@@ -93,9 +93,11 @@ def main(args) -> int:
                       episode_timeout_s=args.episode_timeout, progress=not args.quiet)
         if args.compounding_error:
             curve = measure_compounding_error(args.checkpoint, args.demos, **common)
-            print(f"compounding error over {curve['episodes']} episodes from demonstration starts: "
-                  f"step 0 {curve['mean'][0]:.4f}, max {max(curve['mean']):.4f} "
-                  f"(success {curve['success_rate']:.3f}); written to {args.checkpoint}/eval/compounding_error.json")
+            shown = shown_part(curve)
+            print(f"compounding error over {curve['episodes']} episodes from demonstration starts: median at step 0 "
+                  f"{shown['center'][0]:.4f}, largest {max(shown['center']):.4f} up to step {shown['step'][-1]} "
+                  f"(while at least {shown['min_running']} episodes run; success {curve['success_rate']:.3f}); "
+                  f"written to {args.checkpoint}/eval/compounding_error.json")
             return 0
         result = evaluate_checkpoint(args.checkpoint, init=args.init, demos=args.demos, videos=args.videos,
                                      out_dir=args.out, **common)
