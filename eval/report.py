@@ -325,7 +325,8 @@ def _compounding_figure(plt, curves: list[dict], colors: dict, out_dir: str) -> 
     old_files = any(p["center_name"] == "mean" for p in shown)
     ax.set_ylabel("|policy action - expert action|\nover the episodes still running")
     minimum = sorted({p["min_running"] for p in shown})
-    ax.set_title("Compounding error: median and interquartile band" + (" (mean +- sd: older files)" if old_files else "")
+    ax.set_title("Compounding error: median and interquartile band"
+                 + (" (mean +- sd: older files)" if old_files else "")
                  + f",\nshown while at least {'/'.join(map(str, minimum))} episodes still run", fontsize=10)
     ax.legend(fontsize=8)
     ax_n.set_ylabel("episodes\nstill running")
@@ -450,8 +451,8 @@ def _markdown(rows, evaluated, correlations, optimizers, curves, figures) -> str
     lines.append("")
     lines += ["## Figures", ""]
     captions = {
-        "success_vs_val_loss.png": "Success vs validation loss, one point per evaluated checkpoint, coloured by optimizer; "
-                                   "a thin line joins the checkpoints of one run.",
+        "success_vs_val_loss.png": "Success vs validation loss, one point per evaluated checkpoint, coloured by "
+                                   "optimizer; a thin line joins the checkpoints of one run.",
         "training_curves.png": "Validation loss (left) and closed-loop success (right) against training step, one line per run.",
         "compounding_error.png": "Action error against rollout step from demonstration start states (expert labels): "
                                  "the median over the episodes still running and its interquartile band (top), and "
@@ -482,7 +483,7 @@ def _markdown(rows, evaluated, correlations, optimizers, curves, figures) -> str
         for c in curves:
             part = shown_part(c)
             if not part["step"]:
-                lines.append(f"| {c['run']} | {_fmt(c['ckpt_step'], '')} | {c.get('episodes')} | - | - | - | - | - | - |")
+                lines.append(f"| {c['run']} | {_fmt(c['ckpt_step'], '')} | {c.get('episodes')}" + " | -" * 6 + " |")
                 continue
             all_running = [v for v, n in zip(part["center"], part["count"]) if n == part["count"][0]]
             last = len(part["step"]) - 1

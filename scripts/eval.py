@@ -42,7 +42,8 @@ def add_parser(sub) -> None:
                               "(of the task's typical expert episode without --demos), e.g. 2")
     p.add_argument("--n-action-steps", type=int, default=None,
                    help="actions executed per policy call, at most the policy's Ta (default Ta)")
-    p.add_argument("--videos", type=int, default=0, help="write mp4 videos of the first K episodes (default 0); needs offscreen rendering "
+    p.add_argument("--videos", type=int, default=0,
+                   help="write mp4 videos of the first K episodes (default 0); needs offscreen rendering "
                         "(MUJOCO_GL=egl on a GPU machine, libosmesa6 on a CPU machine) and refuses at once without it")
     p.add_argument("--out", default=None, help="output folder (default <checkpoint>/eval)")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA weights")
@@ -104,7 +105,8 @@ def main(args) -> int:
     except KeyboardInterrupt as err:
         print(f"\ndopr eval: {err or 'interrupted'}", file=sys.stderr)
         return 130
-    except (CheckpointMismatch, CheckpointError, RenderingUnavailable, ValueError, KeyError, FileNotFoundError) as err:
+    except (CheckpointMismatch, CheckpointError, RenderingUnavailable, ValueError, KeyError,
+            FileNotFoundError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"dopr eval: error: {message}", file=sys.stderr)
         return 2

@@ -14,9 +14,10 @@ def add_parser(sub) -> None:
             "validation loss and success vs training step, the Spearman rank correlation between "
             "validation loss and success over independent runs (final checkpoints; checkpoints at one training "
             "step) with the all-checkpoint rho as a description only, the compounding-error curve (from `dopr "
-            "eval --compounding-error`: median and band, the episodes each step rests on, cut where few run), and the final checkpoints per cell with each DoPr "
-            "configuration paired against its base optimizer at the same lr (by training seed and episode "
-            "seed); where the same pair ran on several tasks, one more row pools the (task, seed) units."
+            "eval --compounding-error`: median and band, the episodes each step rests on, cut where few run), "
+            "and the final checkpoints per cell with each DoPr configuration paired against its base optimizer "
+            "at the same lr (by training seed and episode seed); where the same pair ran on several tasks, one more "
+            "row pools the (task, seed) units."
         ),
     )
     p.add_argument("runs", nargs="+", help="run folders, e.g. runs/*")

@@ -193,7 +193,8 @@ def test_report_correlations_match_hand_computed(runs, tmp_path):
     rho = _hand_rho(points)
     assert saved["pooled_checkpoints"]["rho"] == pytest.approx(rho) and saved["pooled_checkpoints"]["n"] == 12
     assert saved["pooled_checkpoints"]["p_value"] is None and saved["pooled_checkpoints"]["n_runs"] == 4
-    assert f"| all checkpoints (descriptive) | every evaluated checkpoint of 4 runs, steps mixed | {rho:+.3f} | - | 12 |" in md
+    assert (f"| all checkpoints (descriptive) | every evaluated checkpoint of 4 runs, steps mixed | {rho:+.3f} | - "
+            "| 12 |") in md
     assert f"- Pooled over all 12 evaluated checkpoints of 4 runs: rho={rho:+.2f}, a description only" in md
     assert "At a glance" in md
     # final checkpoints: 33/40 against 5/40, whose Wilson intervals separate
