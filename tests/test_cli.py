@@ -64,3 +64,17 @@ def test_eval_videos_without_offscreen_rendering_fails_at_once(checkpoint):
     assert "MUJOCO_GL='glfw'" in proc.stderr and "apt-get install -y libosmesa6" in proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr and "GLFWError" not in proc.stderr
     assert not os.path.exists(os.path.join(checkpoint, "eval"))  # no episode ran, no results written
+
+
+def test_eval_compounding_error_prints_the_shown_part(tmp_path, capsys):
+    from dopr.envs.collect import CollectConfig, collect
+    from dopr.tests.test_eval import _save_checkpoint
+
+    checkpoint = _save_checkpoint(tmp_path / "run" / "ckpt-0000100")  # its own: this test writes its eval/
+    demos = str(tmp_path / "demos.zarr")
+    collect(CollectConfig(task="reacher", n_episodes=2, out=demos, workers=0, progress=False))
+    assert dopr(["eval", "--checkpoint", checkpoint, "--demos", demos, "--compounding-error", "--episodes", "2",
+                 "--horizon", "10", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "compounding error over 2 episodes from demonstration starts: median at step 0 " in out
+    assert "(while at least 2 episodes run; success " in out
