@@ -332,6 +332,14 @@ def _compounding_figure(plt, curves: list[dict], colors: dict, out_dir: str) -> 
     ax_n.set_ylabel("episodes\nstill running")
     ax_n.set_xlabel("rollout step (control steps from a demonstration's initial state)")
     ax_n.set_ylim(bottom=0)
+    # the few episodes that run on to the horizon would squeeze the shown part into a corner: say how many instead
+    longest = max(len(c["step"]) for c in curves)
+    right = min(longest, 2 * max((p["step"][-1] for p in shown if p["step"]), default=0) + 10)
+    if right < longest:
+        ax_n.set_xlim(-0.02 * right, right)
+        tail = max(c["count"][right] for c in curves if len(c["count"]) > right)
+        ax_n.text(0.99, 0.6, f"beyond step {right}: at most {tail} episodes of a curve run on (to step {longest - 1})",
+                  transform=ax_n.transAxes, ha="right", va="top", fontsize=7)
     for a in (ax, ax_n):
         a.grid(alpha=0.3)
     return _save(fig, out_dir, "compounding_error.png")
