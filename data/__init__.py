@@ -9,6 +9,7 @@ from dopr.lazy import lazy_exports
 _EXPORTS = {
     "EpisodeStore": "dopr.data.episode_store",
     "EpisodeStoreError": "dopr.data.validate",
+    "check_finite": "dopr.data.validate",
     "SequenceDataset": "dopr.data.sequence_dataset",
     "SequenceSampler": "dopr.data.sequence_sampler",
     "compute_stats": "dopr.data.stats",

@@ -111,19 +111,39 @@ def check_store(arrays: dict, ends: np.ndarray, attrs: dict, path, full: bool = 
                 f"{path}: arrays of different lengths: data/{key} has {arr.shape[0]} steps but "
                 f"meta/episode_ends says {n_steps}; episode {i} (ends at step {ends[i]}) is out of range for it")
     if full:
-        from tqdm import tqdm
+        _scan_nonfinite(arrays, ends, path, keys)
 
-        for key in tqdm(keys, desc="scanning for NaN/inf", disable=n_steps < 1_000_000, leave=False):
-            arr = arrays[key]
-            if np.dtype(arr.dtype).kind != "f":
-                continue
-            step_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * np.dtype(arr.dtype).itemsize
-            block = arr.chunks[0] * max(1, (64 << 20) // max(step_bytes * arr.chunks[0], 1))  # ~64 MB reads
-            for start in range(0, n_steps, block):
-                step = _first_nonfinite(np.asarray(arr[start:min(start + block, n_steps)]))
-                if step is not None:
-                    step += start
-                    i = _episode_of_step(ends, step)
-                    first = int(ends[i - 1]) if i else 0
-                    raise EpisodeStoreError(f"{path}: data/{key} has NaN or inf in episode {i} "
-                                            f"at step {step - first} (global step {step})")
+
+def _scan_nonfinite(arrays: dict, ends: np.ndarray, path, keys) -> None:
+    from tqdm import tqdm
+
+    n_steps = int(ends[-1]) if len(ends) else 0
+    for key in tqdm(keys, desc="scanning for NaN/inf", disable=n_steps < 1_000_000, leave=False):
+        arr = arrays[key]
+        if np.dtype(arr.dtype).kind != "f":
+            continue
+        step_bytes = int(np.prod(arr.shape[1:], dtype=np.int64)) * np.dtype(arr.dtype).itemsize
+        block = arr.chunks[0] * max(1, (64 << 20) // max(step_bytes * arr.chunks[0], 1))  # ~64 MB reads
+        for start in range(0, n_steps, block):
+            step = _first_nonfinite(np.asarray(arr[start:min(start + block, n_steps)]))
+            if step is not None:
+                step += start
+                i = _episode_of_step(ends, step)
+                first = int(ends[i - 1]) if i else 0
+                raise EpisodeStoreError(f"{path}: data/{key} has NaN or inf in episode {i} "
+                                        f"at step {step - first} (global step {step})")
+
+
+def check_finite(store, keys=None) -> None:
+    """Raise EpisodeStoreError, one line naming the store, key, episode and step, at the first NaN or
+    inf in the float data of `store` (an EpisodeStore or a store path), over the given keys (default:
+    all). Reads every value: call it once, before training, where a NaN would otherwise train silently."""
+    if not hasattr(store, "episode_ends"):
+        from dopr.data.episode_store import EpisodeStore
+
+        store = EpisodeStore.open(store, mode="r")
+    keys = store.keys if keys is None else list(keys)
+    missing = sorted(set(keys) - set(store.keys))
+    if missing:
+        raise EpisodeStoreError(f"{store.path}: no key(s) {missing} (keys present: {store.keys})")
+    _scan_nonfinite({k: store.array(k) for k in keys}, store.episode_ends, store.path, keys)

@@ -11,7 +11,8 @@ same in robosuite.utils.binding_utils), so the backend must be chosen before tha
   observations then fails with `RenderingUnavailable`, which says what to install or set.
 
 `offscreen_rendering_error()` tries a real 8x8 render and returns None or the reason it failed;
-tests use it to skip image tests with that reason.
+tests use it to skip image tests with that reason, and `dopr eval --videos` to refuse at once
+(rather than finish without the videos it was asked for).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import ctypes.util
 import os
 import sys
+import warnings
 
 INSTALL_HINT = (
     "On a GPU machine set MUJOCO_GL=egl (needs the NVIDIA driver's libEGL); on a CPU machine "
@@ -62,10 +64,22 @@ _render_error_cache: list[str | None] = []
 
 def offscreen_rendering_error() -> str | None:
     """None when a tiny offscreen render succeeds, else why it failed and what to do."""
-    if _render_error_cache:
-        return _render_error_cache[0]
-    configure_gl_backend()
-    error = None
+    if not _render_error_cache:
+        configure_gl_backend()
+        # A failed backend warns (GLFW: no DISPLAY) and its half-built Renderer raises again in __del__:
+        # the returned reason says it all, so the probe keeps that noise off the user's terminal.
+        hook = sys.unraisablehook
+        sys.unraisablehook = lambda _: None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                _render_error_cache.append(_try_offscreen_render())
+        finally:
+            sys.unraisablehook = hook
+    return _render_error_cache[0]
+
+
+def _try_offscreen_render() -> str | None:
     backend = os.environ.get("MUJOCO_GL")
     try:
         import mujoco
@@ -81,16 +95,13 @@ def offscreen_rendering_error() -> str | None:
         renderer.render()
         renderer.close()
     except Exception as err:  # the backends raise assorted OpenGL/EGL/import errors
-        error = (
-            f"offscreen rendering failed with MUJOCO_GL={backend!r} "
-            f"({type(err).__name__}: {err}). {INSTALL_HINT}"
-        )
-    _render_error_cache.append(error)
-    return error
+        return (f"offscreen rendering failed with MUJOCO_GL={backend!r} "
+                f"({type(err).__name__}: {err}). {INSTALL_HINT}")
+    return None
 
 
-def require_offscreen_rendering() -> None:
+def require_offscreen_rendering(purpose: str = "image observations") -> None:
     """Raise RenderingUnavailable with instructions unless offscreen rendering works."""
     error = offscreen_rendering_error()
     if error is not None:
-        raise RenderingUnavailable("image observations need offscreen rendering: " + error)
+        raise RenderingUnavailable(f"{purpose} need offscreen rendering: " + error)

@@ -1,4 +1,4 @@
-"""Closed-loop evaluation (`dopr eval`), its metrics, and the TTF report (`dopr report`).
+"""Closed-loop evaluation (`dopr eval`), its metrics, and the test-time feedback (TTF) report (`dopr report`).
 
 Names are imported on first use, so that a spawned simulator worker (which imports
 dopr.eval.rollout_worker) does not pay for torch.

@@ -21,7 +21,9 @@ class EvalConfig:
                                  "(needs --demos)", choices=("random", "demos"))
     demos: str | None = option(None, "episode store (.zarr) for --init demos, --horizon-mult and --compounding-error")
     n_action_steps: int | None = option(None, "actions executed per policy call, at most the policy's Ta (default Ta)")
-    videos: int = option(0, "write mp4 videos of the first K episodes (default %(default)s)")
+    videos: int = option(0, "write mp4 videos of the first K episodes (default %(default)s); needs offscreen "
+                            "rendering (MUJOCO_GL=egl on a GPU machine, libosmesa6 on a CPU one) and refuses "
+                            "at once without it")
     episode_timeout_s: float = option(
         600.0, "seconds an episode may take before its worker counts as hung and is restarted (default %(default)s)",
         flags=("--episode-timeout",))
@@ -39,5 +41,7 @@ class EvalConfig:
             raise ValueError(f"init must be 'random' or 'demos', got {self.init!r}")
         if self.episodes < 1:
             raise ValueError(f"episodes must be >= 1, got {self.episodes}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1 (simulator processes), got {self.workers}")
         if self.init == "demos" and self.demos is None:
             raise ValueError("init='demos' needs demos=<path to an EpisodeStore> (--demos STORE.zarr)")

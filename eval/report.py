@@ -1,4 +1,7 @@
-"""The TTF report: did lower validation loss mean higher closed-loop success?
+"""The test-time feedback (TTF) report: did lower validation loss mean higher closed-loop success?
+
+A policy trained on one-step targets runs on its own predictions (test-time feedback), so its errors
+compound; validation loss measures the first, success the second.
 
 `build_report(run_dirs, out_dir)` reads training runs (any mix of optimizers, seeds, policies):
 
@@ -19,6 +22,7 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 
 from dopr.atomic import atomic_path, write_json_atomic, write_text_atomic
+from dopr.eval.compounding_error import MIN_RUNNING, shown_part
 from dopr.eval.metrics import spearman, wilson_interval
 from dopr.eval.runs import is_run_folder, read_run_record
 
@@ -83,14 +87,45 @@ def _pooled_interval(rows: list[CheckpointRow]) -> tuple[float, float]:
     return wilson_interval(k, n) if n else (float("nan"), float("nan"))
 
 
-def _verdict(rho: float, n: int) -> str:
+def _spearman_of(rows: list[CheckpointRow]) -> dict:
+    rho, p, n = spearman([r.val_loss for r in rows], [r.success_rate for r in rows])
+    return {"rho": rho, "p_value": p, "n": n}
+
+
+def rank_correlations(evaluated: list[CheckpointRow], optimizers: list[str]) -> dict:
+    """Spearman's rho between validation loss and success, over samples that are independent.
+
+    A run's checkpoints are not: they share one training history, and training step moves both validation
+    loss and success, so a rho over all checkpoints mostly measures the step and its p-value is not valid.
+    The independent units are runs: their final checkpoints (`final`: over all runs and per optimizer), and
+    their checkpoints at one training step (`within_step`, every step that 3 or more runs were evaluated at).
+    `pooled_checkpoints` keeps the all-checkpoint rho as a description, without a p-value.
+    """
+    finals = [r for r in evaluated if r.is_final]
+    by_step = defaultdict(list)
+    for r in evaluated:
+        if r.step is not None:
+            by_step[r.step].append(r)
+    pooled = _spearman_of(evaluated)
+    return {
+        "final": {"all runs": _spearman_of(finals),
+                  **{opt: _spearman_of([r for r in finals if r.optimizer == opt]) for opt in optimizers}},
+        "within_step": {step: _spearman_of(rs) for step, rs in sorted(by_step.items()) if len(rs) >= 3},
+        "pooled_checkpoints": {**pooled, "p_value": None, "n_runs": len({r.run for r in evaluated})},
+    }
+
+
+def _verdict(c: dict) -> str:
+    """What a correlation over independent runs says, only as far as its p-value allows."""
+    rho, p, n = c["rho"], c["p_value"], c["n"]
     if math.isnan(rho):
-        return f"not enough evaluated checkpoints with distinct values (n={n})"
-    if rho <= -0.5:
-        return f"lower validation loss went with higher success (rho={rho:+.2f}, n={n})"
-    if rho >= 0.5:
-        return f"lower validation loss went with LOWER success (rho={rho:+.2f}, n={n})"
-    return f"validation loss did not predict success (rho={rho:+.2f}, n={n})"
+        return f"not enough evaluated runs with distinct values (n={n})"
+    stats = f"rho={rho:+.2f}, n={n}, p={p:.2g}"
+    if p >= 0.05:
+        return f"no relation the runs can establish ({stats})"
+    if rho < 0:
+        return f"lower validation loss went with higher success ({stats})"
+    return f"lower validation loss went with LOWER success ({stats})"
 
 
 def _fmt(x, spec=".4g"):
@@ -129,11 +164,7 @@ def build_report(run_dirs: list[str], out_dir: str = "out/report", cells=None) -
     colors = {opt: plt.get_cmap("tab10")(i % 10) for i, opt in enumerate(optimizers)}
     evaluated = [r for r in rows if r.success_rate is not None and r.val_loss is not None]
 
-    correlations = {}
-    for opt in optimizers + ["pooled"]:
-        sel = [r for r in evaluated if opt == "pooled" or r.optimizer == opt]
-        rho, p, n = spearman([r.val_loss for r in sel], [r.success_rate for r in sel])
-        correlations[opt] = {"rho": rho, "p_value": p, "n": n}
+    correlations = rank_correlations(evaluated, optimizers)
 
     figures = []
     # 1. success against validation loss, one point per evaluated checkpoint
@@ -146,16 +177,19 @@ def build_report(run_dirs: list[str], out_dir: str = "out/report", cells=None) -
             x = [r.val_loss for r in sel]
             y = [r.success_rate for r in sel]
             err = [[r.success_rate - r.ci_low for r in sel], [r.ci_high - r.success_rate for r in sel]]
-            rho = correlations[opt]["rho"]
-            ax.errorbar(x, y, yerr=err, fmt="o", color=colors[opt], alpha=0.8, capsize=2,
-                        label=f"{opt} (Spearman {rho:+.2f})" if not math.isnan(rho) else opt)
+            ax.errorbar(x, y, yerr=err, fmt="o", color=colors[opt], alpha=0.8, capsize=2, label=opt)
+            for run in sorted({r.run for r in sel}):  # a run's checkpoints are one sample path, not independent points
+                path = sorted((r for r in sel if r.run == run and r.step is not None), key=lambda r: r.step)
+                ax.plot([r.val_loss for r in path], [r.success_rate for r in path], "-", color=colors[opt],
+                        alpha=0.3, lw=0.8)
         ax.set_xlabel("validation loss")
         ax.set_ylabel("closed-loop success rate (95% Wilson CI)")
         ax.set_ylim(-0.05, 1.05)
         if all(r.val_loss > 0 for r in evaluated) and max(r.val_loss for r in evaluated) > 10 * min(
                 r.val_loss for r in evaluated):
             ax.set_xscale("log")
-        ax.set_title("Success vs validation loss (one point per checkpoint)")
+        ax.set_title("Success vs validation loss (one point per checkpoint;\na thin line joins a run's checkpoints)",
+                     fontsize=10)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
         figures.append(_save(fig, out_dir, "success_vs_val_loss.png"))
@@ -190,17 +224,7 @@ def build_report(run_dirs: list[str], out_dir: str = "out/report", cells=None) -
     figures.append(_save(fig, out_dir, "training_curves.png"))
     # 3. the compounding-error curve
     if curves:
-        fig, ax = plt.subplots(figsize=(6, 4.5))
-        for c in curves:
-            ax.plot(c["step"], c["mean"], color=colors.get(c["optimizer"], "k"), alpha=0.8)
-        for opt in sorted({c["optimizer"] for c in curves}):
-            ax.plot([], [], color=colors.get(opt, "k"), label=opt)
-        ax.set_xlabel("rollout step (control steps from a demonstration's initial state)")
-        ax.set_ylabel("|policy action - expert action| (mean over episodes)")
-        ax.set_title("Compounding error")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-        figures.append(_save(fig, out_dir, "compounding_error.png"))
+        figures.append(_compounding_figure(plt, curves, colors, out_dir))
 
     # 4. DoPr against its base optimizer: each training seed's paired difference, and the mean's 95% interval
     from dopr.eval.comparison import cells_from_runs, comparison_table, comparisons
@@ -235,6 +259,41 @@ def build_report(run_dirs: list[str], out_dir: str = "out/report", cells=None) -
     return path
 
 
+def _compounding_figure(plt, curves: list[dict], colors: dict, out_dir: str) -> str:
+    """Median and interquartile band of each curve while enough episodes run (top), and how many run (bottom)."""
+    fig, (ax, ax_n) = plt.subplots(2, 1, figsize=(6.5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1.2]})
+    shown = [shown_part(c) for c in curves]
+    for c, part in zip(curves, shown):
+        color = colors.get(c["optimizer"], "k")
+        ax.plot(part["step"], part["center"], color=color, alpha=0.9, lw=1.2)
+        ax.fill_between(part["step"], part["low"], part["high"], color=color, alpha=0.12, lw=0)
+        ax_n.step(c["step"], c["count"], where="post", color=color, alpha=0.6, lw=1)
+        ax_n.step(part["step"], part["count"], where="post", color=color, alpha=0.9, lw=2)
+    for opt in sorted({c["optimizer"] for c in curves}):
+        ax.plot([], [], color=colors.get(opt, "k"), label=opt)
+    old_files = any(p["center_name"] == "mean" for p in shown)
+    ax.set_ylabel("|policy action - expert action|\nover the episodes still running")
+    minimum = sorted({p["min_running"] for p in shown})
+    ax.set_title("Compounding error: median and interquartile band"
+                 + (" (mean +- sd: older files)" if old_files else "")
+                 + f",\nshown while at least {'/'.join(map(str, minimum))} episodes still run", fontsize=10)
+    ax.legend(fontsize=8)
+    ax_n.set_ylabel("episodes\nstill running")
+    ax_n.set_xlabel("rollout step (control steps from a demonstration's initial state)")
+    ax_n.set_ylim(bottom=0)
+    # the few episodes that run on to the horizon would squeeze the shown part into a corner: say how many instead
+    longest = max(len(c["step"]) for c in curves)
+    right = min(longest, 2 * max((p["step"][-1] for p in shown if p["step"]), default=0) + 10)
+    if right < longest:
+        ax_n.set_xlim(-0.02 * right, right)
+        tail = max(c["count"][right] for c in curves if len(c["count"]) > right)
+        ax_n.text(0.99, 0.6, f"beyond step {right}: at most {tail} episodes of a curve run on (to step {longest - 1})",
+                  transform=ax_n.transAxes, ha="right", va="top", fontsize=7)
+    for a in (ax, ax_n):
+        a.grid(alpha=0.3)
+    return _save(fig, out_dir, "compounding_error.png")
+
+
 def _save(fig, out_dir: str, name: str) -> str:
     fig.tight_layout()
     with atomic_path(os.path.join(out_dir, name)) as tmp:  # the temporary name keeps ".png"
@@ -247,6 +306,57 @@ def _mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def _fmt_rho(rho: float) -> str:
+    return "rho -" if math.isnan(rho) else f"rho={rho:+.2f}"
+
+
+def _names(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _final_checkpoints_line(ranked: list[tuple], by_opt: dict) -> str | None:
+    """Which configuration had the lowest validation loss and which the highest success at the end, saying so
+    when the best are tied, and when the pooled 95% intervals do not separate them."""
+    with_both = [t for t in ranked if t[1] is not None and t[2] is not None]
+    if len(with_both) < 2:
+        return None
+    low, top = min(t[1] for t in with_both), max(t[2] for t in with_both)
+    best_loss = [t[0] for t in with_both if math.isclose(t[1], low, rel_tol=1e-9)]
+    best = [t[0] for t in with_both if math.isclose(t[2], top, abs_tol=1e-9)]
+    success = {t[0]: t[2] for t in with_both}
+    interval = {t[0]: _pooled_interval(by_opt[t[0]]) for t in with_both}
+
+    def overlaps(a, b):
+        return interval[a][0] <= interval[b][1] and interval[b][0] <= interval[a][1]
+
+    def spans(names):
+        return ", ".join(f"{o} {interval[o][0]:.2f}-{interval[o][1]:.2f}" for o in names)
+
+    # the configurations the episodes cannot tell from a best one: their pooled 95% intervals overlap
+    close = [t[0] for t in with_both if t[0] not in best and any(overlaps(t[0], b) for b in best)]
+    tie = len(best) > 1
+    line = (f"- Final checkpoints: lowest mean validation loss {_names(best_loss)} ({low:.4g}"
+            f"{', a tie' if len(best_loss) > 1 else ''}), highest mean success {_names(best)} ({top:.3f}"
+            f"{', an exact tie' if tie else ''})")
+    if set(best_loss) & set(best):
+        line += (": validation loss picked " + ("one of the configurations tied for the highest success"
+                                                if tie or len(best_loss) > 1 else "the configuration success picked"))
+    elif any(o in close for o in best_loss):
+        line += (": validation loss did NOT pick the configuration with the highest success, but their pooled 95% "
+                 f"intervals overlap ({spans(best + [o for o in best_loss if o in close])}): the episodes do not "
+                 "resolve that difference")
+    else:
+        line += (f": validation loss did NOT pick the configuration with the highest success; their pooled 95% "
+                 f"intervals separate ({spans(best_loss + best)}): choosing by validation loss would have cost "
+                 f"{top - max(success[o] for o in best_loss):.2f} in success")
+    others = [o for o in close if o not in best_loss]
+    if others:
+        line += (f"; the pooled 95% intervals of {_names(others)} overlap {'those of the best' if tie else 'the best'}"
+                 f" ({spans(best + others)}), so the episodes do not single out "
+                 f"{'a highest' if tie else _names(best)} either")
+    return line + "."
+
+
 def _markdown(rows, evaluated, correlations, optimizers, curves, figures) -> str:
     lines = ["# Closed-loop success vs validation loss", ""]
     runs = sorted({r.run for r in rows})
@@ -254,37 +364,28 @@ def _markdown(rows, evaluated, correlations, optimizers, curves, figures) -> str
     lines += [f"{len(runs)} runs, {len(rows)} checkpoints ({len(evaluated)} evaluated closed-loop); "
               f"optimizers: {', '.join(optimizers)}; tasks: {', '.join(tasks)}.", ""]
     lines += ["## At a glance", ""]
-    pooled = correlations["pooled"]
-    lines.append(f"- Pooled over all evaluated checkpoints: {_verdict(pooled['rho'], pooled['n'])}.")
+    final_rho = correlations["final"]["all runs"]
+    lines.append(f"- Across runs (final checkpoints, one per run): {_verdict(final_rho)}.")
     for opt in optimizers:
-        c = correlations[opt]
-        lines.append(f"- {opt}: {_verdict(c['rho'], c['n'])}.")
+        c = correlations["final"][opt]
+        lines.append(f"- {opt}, across its runs' final checkpoints: {_verdict(c)}.")
+    within = correlations["within_step"]
+    if within:
+        lines.append("- Across runs at the same training step: " + "; ".join(
+            f"step {step}: {_verdict(c)}" for step, c in within.items()) + ".")
+    pooled = correlations["pooled_checkpoints"]
+    lines.append(f"- Pooled over all {pooled['n']} evaluated checkpoints of {pooled['n_runs']} runs: "
+                 f"{_fmt_rho(pooled['rho'])}, a description only (a run's checkpoints share its training history, "
+                 "and training step moves both validation loss and success).")
     finals = [r for r in rows if r.is_final]
     by_opt = defaultdict(list)
     for r in finals:
         by_opt[r.optimizer].append(r)
     ranked = [(opt, _mean([r.val_loss for r in rs]), _mean([r.success_rate for r in rs]), len(rs))
               for opt, rs in sorted(by_opt.items())]
-    with_both = [t for t in ranked if t[1] is not None and t[2] is not None]
-    if len(with_both) >= 2:
-        best_loss = min(with_both, key=lambda t: t[1])
-        best_success = max(with_both, key=lambda t: t[2])
-        same = best_loss[0] == best_success[0]
-        line = (f"- Final checkpoints: lowest mean validation loss {best_loss[0]} ({best_loss[1]:.4g}), highest "
-                f"mean success {best_success[0]} ({best_success[2]:.3f}): validation loss "
-                f"{'ranked the optimizers as success did' if same else 'did NOT rank the optimizers as success did'}")
-        if not same:
-            # The disagreement matters only where the two arms' pooled 95% intervals separate.
-            (lo_s, hi_s) = _pooled_interval(by_opt[best_success[0]])
-            (lo_l, hi_l) = _pooled_interval(by_opt[best_loss[0]])
-            both = f"{best_loss[0]} {lo_l:.2f}-{hi_l:.2f}, {best_success[0]} {lo_s:.2f}-{hi_s:.2f}"
-            if hi_l >= lo_s:
-                line += (f", but their pooled 95% intervals overlap ({both}): the episodes do not resolve that "
-                         f"difference")
-            else:
-                line += (f"; their pooled 95% intervals separate ({both}): choosing by validation loss would have "
-                         f"cost {best_success[2] - best_loss[2]:.2f} in success")
-        lines.append(line + ".")
+    line = _final_checkpoints_line(ranked, by_opt)
+    if line:
+        lines.append(line)
     lines.append("")
     lines += ["## Final checkpoint per run, by optimizer", "",
               "| optimizer | runs | mean val loss | mean success |", "|---|---|---|---|"]
@@ -292,20 +393,30 @@ def _markdown(rows, evaluated, correlations, optimizers, curves, figures) -> str
         lines.append(f"| {opt} | {n} | {_fmt(loss)} | {_fmt(succ, '.3f')} |")
     lines.append("")
     lines += ["## Spearman rank correlation, validation loss vs success", "",
-              "Negative: lower loss, higher success.", "",
-              "| group | rho | p-value | checkpoints |", "|---|---|---|---|"]
-    for group, c in correlations.items():
+              "Negative: lower loss, higher success. p-values are given only over independent runs: a run's "
+              "checkpoints share one training history, and training step moves both validation loss and "
+              "success, so the rho over all checkpoints describes them but is no test.", "",
+              "| group | checkpoints correlated | rho | p-value | n |", "|---|---|---|---|---|"]
+    table = [(group, "final checkpoint of each run", c) for group, c in correlations["final"].items()]
+    table += [("all runs", f"step {step}, one checkpoint per run", c) for step, c in within.items()]
+    table.append(("all checkpoints (descriptive)", f"every evaluated checkpoint of {pooled['n_runs']} runs, "
+                  "steps mixed", pooled))
+    for group, what, c in table:
         rho = "-" if math.isnan(c["rho"]) else f"{c['rho']:+.3f}"
-        p = "-" if math.isnan(c["p_value"]) else f"{c['p_value']:.3g}"
-        lines.append(f"| {group} | {rho} | {p} | {c['n']} |")
+        p = "-" if c["p_value"] is None or math.isnan(c["p_value"]) else f"{c['p_value']:.3g}"
+        lines.append(f"| {group} | {what} | {rho} | {p} | {c['n']} |")
     lines.append("")
     lines += ["## Figures", ""]
     captions = {
-        "success_vs_val_loss.png":
-            "Success vs validation loss, one point per evaluated checkpoint, coloured by optimizer.",
-        "training_curves.png":
-            "Validation loss (left) and closed-loop success (right) against training step, one line per run.",
-        "compounding_error.png": "Action error against rollout step from demonstration start states (expert labels).",
+        "success_vs_val_loss.png": "Success vs validation loss, one point per evaluated checkpoint, coloured by "
+                                   "optimizer; a thin line joins the checkpoints of one run.",
+        "training_curves.png": "Validation loss (left) and closed-loop success (right) against training step, "
+                               "one line per run.",
+        "compounding_error.png": "Action error against rollout step from demonstration start states (expert labels): "
+                                 "the median over the episodes still running and its interquartile band (top), and "
+                                 "how many still run (bottom; bold while the curve is shown). Successful episodes end, "
+                                 "so late steps rest on fewer, mostly failing, episodes; a curve stops where fewer "
+                                 f"than a quarter of its episodes, or fewer than {MIN_RUNNING}, still run.",
         "paired_differences.png": "DoPr minus its base optimizer in success rate, paired by training seed and episode "
                                   "seed: grey dots are seeds, the bar the mean with its 95% t-interval "
                                   "(red: excludes 0).",
@@ -322,13 +433,22 @@ def _markdown(rows, evaluated, correlations, optimizers, curves, figures) -> str
                      f"{r.init or '-'} | {_fmt(r.horizon, '')} |")
     if curves:
         lines += ["", "## Compounding error", "",
-                  "| run | step | episodes | error at first step | error at last step with all episodes running "
-                  "| max mean error |",
-                  "|---|---|---|---|---|---|"]
+                  "Median action error over the episodes still running (the mean and sd for files written before the "
+                  f"median was recorded), shown up to the last step at which at least a quarter of the episodes and at "
+                  f"least {MIN_RUNNING} (all, when fewer were run) still run.", "",
+                  "| run | checkpoint step | episodes | statistic | at step 0 | at the last step all episodes run | "
+                  "shown up to step (episodes running there) | there (band) | largest shown |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for c in curves:
-            full = [m for m, n in zip(c["mean"], c["count"]) if n == c["count"][0]] if c["mean"] else []
-            lines.append(f"| {c['run']} | {_fmt(c['ckpt_step'], '')} | "
-                         f"{c.get('episodes')} | {_fmt(c['mean'][0] if c['mean'] else None)} | "
-                         f"{_fmt(full[-1] if full else None)} | {_fmt(max(c['mean']) if c['mean'] else None)} |")
+            part = shown_part(c)
+            if not part["step"]:
+                lines.append(f"| {c['run']} | {_fmt(c['ckpt_step'], '')} | {c.get('episodes')}" + " | -" * 6 + " |")
+                continue
+            all_running = [v for v, n in zip(part["center"], part["count"]) if n == part["count"][0]]
+            last = len(part["step"]) - 1
+            lines.append(f"| {c['run']} | {_fmt(c['ckpt_step'], '')} | {c.get('episodes')} | {part['center_name']} | "
+                         f"{_fmt(part['center'][0])} | {_fmt(all_running[-1])} | "
+                         f"{part['step'][last]} ({part['count'][last]}) | {_fmt(part['center'][last])} "
+                         f"({_fmt(part['low'][last])}-{_fmt(part['high'][last])}) | {_fmt(max(part['center']))} |")
     lines.append("")
     return "\n".join(lines)

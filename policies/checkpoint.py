@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from dopr.atomic import write_json_atomic
+from dopr.atomic import default_file_mode, write_json_atomic
 from dopr.policies.config import PolicyConfig
 from dopr.policies.mlp_policy import MLPPolicy
 from dopr.policies.policy import Policy
@@ -79,6 +79,7 @@ def save_checkpoint(
     for f in tmp.iterdir():  # data on disk before the rename makes it visible
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+        os.chmod(f, default_file_mode())  # safetensors writes 0600: a controller account could not load it
     old = None
     if ckpt_dir.exists():
         old = ckpt_dir.parent / f".{ckpt_dir.name}.old-{os.getpid()}"

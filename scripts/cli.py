@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+import dopr
 
 # subcommand -> module; listed in pipeline order, which is the order `dopr --help` shows them.
 SUBCOMMANDS = [
@@ -34,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
             "closed-loop in MuJoCo: collect demonstrations, train, evaluate, report, deploy."
         ),
     )
+    parser.add_argument("--version", action="version",
+                        version=f"%(prog)s {dopr.__version__} (from {os.path.dirname(dopr.__file__)})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"dopr.scripts.{name}").add_parser(sub)

@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
             "appends until it holds --episodes episodes, continuing after the last seed used."
         ),
     )
-    p.add_argument("--task", required=True, help="task name, e.g. lift, can, reacher (see `dopr.envs.list_tasks()`)")
+    p.add_argument("--task", required=True, help="task name, e.g. lift, can, reacher (all listed below)")
     p.add_argument("--episodes", type=int, required=True, help="number of episodes the store should hold")
     p.add_argument("--out", required=True, help="store path, e.g. out/demos/lift.zarr (created if missing)")
     p.add_argument("--workers", type=int, default=2,
@@ -33,6 +33,24 @@ def add_parser(sub) -> None:
                    help="RL-expert folder for humanoid/walker2d/hopper/ant (default out/experts/TASK, "
                         "written by `dopr expert train`)")
     p.set_defaults(func=main)
+    _list_tasks_in_help(p)
+
+
+def _list_tasks_in_help(p) -> None:
+    """Append the task registry to `dopr collect --help`. Listing it imports the simulators (about a second),
+    so it is done when the help is printed, not whenever the `dopr` parser is built."""
+    format_help = p.format_help
+
+    def with_tasks() -> str:
+        from dopr.envs import TASKS
+
+        scripted = [name for name, spec in TASKS.items() if spec.extra.get("expert") != "rl"]
+        trained = [name for name in TASKS if name not in scripted]
+        p.epilog = (f"tasks with a scripted expert: {', '.join(scripted)}. "
+                    f"Tasks without one (train one with `dopr expert train`): {', '.join(trained)}.")
+        return format_help()
+
+    p.format_help = with_tasks
 
 
 def main(args) -> int:

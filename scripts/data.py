@@ -20,7 +20,9 @@ def add_parser(sub) -> None:
                            description="Print a store's episodes and steps, each key's per-step shape, dtype, "
                            "chunks and statistics (min/max/mean/std over all its values), and its attributes.")
     info.add_argument("path", help="the store (a .zarr folder)")
-    info.add_argument("--full", action="store_true", help="also scan every float array for NaN/inf")
+    info.add_argument("--full", action="store_true",
+                      help="scan every float array for NaN/inf, image keys too (the statistics already read every "
+                      "other key); exit status 1 if one is found")
     info.add_argument("--per-dim", action="store_true", help="print statistics per feature dimension")
     info.add_argument("--images", action="store_true", help="also compute statistics of image keys (slow)")
     info.set_defaults(action=main_info)
@@ -90,7 +92,14 @@ def _add_import(cmds, name: str, action, source: tuple[str, str], **texts):
 
 
 def main(args) -> int:
-    return args.action(args)
+    import sys
+
+    try:
+        return args.action(args)
+    except (ValueError, KeyError, OSError) as err:  # EpisodeStoreError is a ValueError: a bad store or file
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"dopr data: error: {message}", file=sys.stderr)
+        return 2
 
 
 def _fmt(x) -> str:
@@ -100,25 +109,46 @@ def _fmt(x) -> str:
 def main_info(args) -> int:
     import numpy as np
 
-    from dopr.data import EpisodeStore, compute_stats
+    from dopr.data import EpisodeStore, EpisodeStoreError, check_finite, compute_stats
     from dopr.data.sequence_sampler import is_image_like
 
     store = EpisodeStore.open(args.path, mode="r")
+    problem = None
     if args.full:
-        store.validate(full=True)
+        try:
+            store.validate(full=True)
+        except EpisodeStoreError as err:
+            problem = str(err)
+    stats = {key: compute_stats(store, [key])[key] for key in store.keys
+             if store.n_episodes and (args.images or not is_image_like(store.array(key)))}
+    nonfinite = [key for key, s in stats.items() if not all(np.isfinite(v).all() for v in s.values())]
+    if nonfinite and problem is None:  # min/max over every value are finite only if every value is
+        try:
+            check_finite(store, nonfinite)
+        except EpisodeStoreError as err:
+            problem = str(err)
+    unscanned = [k for k in store.keys if k not in stats and np.dtype(store.array(k).dtype).kind == "f"]
+    if problem:
+        valid = f"NaN/inf found: {problem}"
+    elif args.full or not unscanned:
+        valid = "no NaN/inf (every float value read)"
+    else:
+        valid = f"layout checked; {', '.join(unscanned)} not scanned for NaN/inf (--full scans them)"
     lengths = store.episode_lengths
     print(f"store     {store.path}  (zarr v{store.zarr_format})")
     print(f"episodes  {store.n_episodes}")
     print(f"steps     {store.n_steps}" + (f"  (episode length min {lengths.min()}, mean {lengths.mean():.1f}, "
                                           f"max {lengths.max()})" if len(lengths) else ""))
-    print(f"valid     {'full scan: no NaN/inf' if args.full else 'layout checked (--full also scans NaN/inf)'}")
+    print(f"valid     {valid}")
     print()
     print(f"{'key':<28} {'shape':<14} {'dtype':<8} {'chunks':<16} {'min':>10} {'max':>10} {'mean':>10} {'std':>10}")
     for key in store.keys:
         arr = store.array(key)
         row = f"{key:<28} {str(tuple(arr.shape[1:])):<14} {str(arr.dtype):<8} {str(tuple(arr.chunks)):<16}"
-        if store.n_episodes and (args.images or not is_image_like(arr)):
-            s = compute_stats(store, [key])[key]
+        if key in nonfinite:
+            print(row + "  (holds NaN/inf: no statistics)")
+        elif key in stats:
+            s = stats[key]
             # over all values of the key: the pooled std from the per-dimension moments
             mean = float(s["mean"].mean())
             std = float(np.sqrt((s["std"].astype(np.float64) ** 2 + (s["mean"] - mean) ** 2).mean()))
@@ -142,7 +172,7 @@ def main_info(args) -> int:
     for key, value in attrs.items():
         text = json.dumps(value, default=str)
         print(f"{key:<{width}} {text if len(text) <= 200 else text[:197] + '...'}")
-    return 0
+    return 1 if problem else 0
 
 
 def main_import(args) -> int:

@@ -46,7 +46,8 @@ def main(args) -> int:
     import torch
 
     from dopr.envs import task_spec
-    from dopr.eval.compounding_error import measure_compounding_error
+    from dopr.envs.rendering import RenderingUnavailable, require_offscreen_rendering
+    from dopr.eval.compounding_error import measure_compounding_error, shown_part
     from dopr.eval.evaluator import CheckpointMismatch, demo_initial_states, evaluate_checkpoint, resolve_horizon
     from dopr.eval.runs import CheckpointMeta
     from dopr.policies import CheckpointError
@@ -56,6 +57,8 @@ def main(args) -> int:
         if args.compounding_error and not args.demos:
             raise ValueError("--compounding-error needs --demos STORE.zarr (the start states and the task's expert)")
         cfg = from_args(EvalConfig, args)
+        if cfg.videos and not args.compounding_error:
+            require_offscreen_rendering("videos (--videos)")
         if args.horizon_mult is not None:
             task = CheckpointMeta.read(args.checkpoint).task
             if task is None:
@@ -66,15 +69,18 @@ def main(args) -> int:
             cfg = dataclasses.replace(cfg, horizon=horizon)
         if args.compounding_error:
             curve = measure_compounding_error(args.checkpoint, args.demos, cfg, ema=not args.no_ema)
-            print(f"compounding error over {curve['episodes']} episodes from demonstration starts: "
-                  f"step 0 {curve['mean'][0]:.4f}, max {max(curve['mean']):.4f} "
-                  f"(success {curve['success_rate']:.3f}); written to {args.checkpoint}/eval/compounding_error.json")
+            shown = shown_part(curve)
+            print(f"compounding error over {curve['episodes']} episodes from demonstration starts: median at step 0 "
+                  f"{shown['center'][0]:.4f}, largest {max(shown['center']):.4f} up to step {shown['step'][-1]} "
+                  f"(while at least {shown['min_running']} episodes run; success {curve['success_rate']:.3f}); "
+                  f"written to {args.checkpoint}/eval/compounding_error.json")
             return 0
         result = evaluate_checkpoint(args.checkpoint, cfg, out_dir=args.out, ema=not args.no_ema)
     except KeyboardInterrupt as err:
         print(f"\ndopr eval: {err or 'interrupted'}", file=sys.stderr)
         return 130
-    except (CheckpointMismatch, CheckpointError, ValueError, KeyError, FileNotFoundError) as err:
+    except (CheckpointMismatch, CheckpointError, RenderingUnavailable, ValueError, KeyError,
+            FileNotFoundError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"dopr eval: error: {message}", file=sys.stderr)
         return 2

@@ -15,11 +15,23 @@ def add_parser(sub) -> None:
     p.add_argument("checkpoint", help="checkpoint folder (config.json, ema.safetensors, meta.json, ...)")
     p.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript", help="file format")
     p.add_argument("--out", default=None,
-                   help="output file (default: out/export/<checkpoint name>.pt or .onnx)")
+                   help="output file (default: <checkpoint>/export/<run>-<checkpoint>[-raw][-Nsteps].pt or .onnx, "
+                   "so exports of different runs, weights and step counts never share a name)")
+    p.add_argument("--overwrite", action="store_true", help="replace the output file if it exists")
     p.add_argument("--no-ema", action="store_true", help="export model.safetensors instead of the EMA weights")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps of diffusion/flow policies (default: the checkpoint's num_inference_steps)")
     p.set_defaults(func=main)
+
+
+def default_export_path(ckpt, fmt: str, ema: bool = True, steps: int | None = None):
+    """<checkpoint>/export/<run>-<checkpoint>[-raw][-Nsteps].<ext>: inside the checkpoint, as its eval/ is, and
+    named after the run too, since a file copied to a controller leaves its folder behind."""
+    from pathlib import Path
+
+    ckpt = Path(ckpt).resolve()
+    variant = ("" if ema else "-raw") + (f"-{steps}steps" if steps is not None else "")
+    return ckpt / "export" / f"{ckpt.parent.name}-{ckpt.name}{variant}.{'onnx' if fmt == 'onnx' else 'pt'}"
 
 
 def main(args) -> int:
@@ -29,7 +41,11 @@ def main(args) -> int:
     from dopr.deploy.export import export_checkpoint
 
     ckpt = Path(args.checkpoint)
-    out = args.out or Path("out/export") / f"{ckpt.resolve().name}.{'onnx' if args.format == 'onnx' else 'pt'}"
+    out = Path(args.out) if args.out else default_export_path(ckpt, args.format, ema=not args.no_ema, steps=args.steps)
+    if out.exists() and not args.overwrite:
+        print(f"dopr export: error: {out} exists; pass --overwrite to replace it, or --out another file",
+              file=sys.stderr)
+        return 2
     try:
         path = export_checkpoint(ckpt, out, args.format, ema=not args.no_ema, num_inference_steps=args.steps)
     except (ValueError, RuntimeError, OSError) as err:  # CheckpointError is a RuntimeError

@@ -1,4 +1,4 @@
-"""`dopr report`: closed-loop success against validation loss across runs (the TTF report)."""
+"""`dopr report`: closed-loop success against validation loss across runs (the test-time feedback, TTF, report)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ def add_parser(sub) -> None:
             "ckpt-*/eval/results.json written by `dopr eval`) and write report.md with tables and PNG "
             "figures: success vs validation loss (one point per checkpoint, coloured by optimizer), "
             "validation loss and success vs training step, the Spearman rank correlation between "
-            "validation loss and success per optimizer and pooled, the compounding-error curve "
-            "(from `dopr eval --compounding-error`), and the final checkpoints per cell with each DoPr "
-            "configuration paired against its base optimizer at the same lr (by training seed and episode "
-            "seed); where the same pair ran on several tasks, one more row pools the (task, seed) units."
+            "validation loss and success over independent runs (final checkpoints; checkpoints at one training "
+            "step) with the all-checkpoint rho as a description only, the compounding-error curve (from `dopr "
+            "eval --compounding-error`: median and band, the episodes each step rests on, cut where few run), "
+            "and the final checkpoints per cell with each DoPr configuration paired against its base optimizer "
+            "at the same lr (by training seed and episode seed); where the same pair ran on several tasks, one more "
+            "row pools the (task, seed) units."
         ),
     )
     p.add_argument("runs", nargs="+", help="run folders, e.g. runs/*")

@@ -105,3 +105,29 @@ def test_info_prints_episodes_keys_and_statistics(tmp_path, capsys):
     # action values 0..5: min 0, max 5, mean 2.5, std sqrt(35/12) = 1.708
     assert row.split()[1:] == ["(2,)", "float32", "(256,", "2)", "0", "5", "2.5", "1.708"]
     assert "mean  [2. 3.]" in out
+
+
+def test_info_without_full_reports_nan_instead_of_nan_statistics(tmp_path, capsys):
+    import zarr
+
+    store = EpisodeStore.create(tmp_path / "n.zarr", attrs={"task": "reacher"})
+    for k in range(3):
+        store.append_episode({"action": np.full((4, 2), k, np.float32), "qpos": np.zeros((4, 3))})
+    zarr.open_group(str(store.path), mode="a")["data/action"][6, 1] = np.nan  # episode 1, step 2
+    assert dopr(["data", "info", str(store.path)]) == 1
+    out = capsys.readouterr().out
+    assert "nan" not in out.split()  # no statistic printed as nan
+    (valid,) = [line for line in out.splitlines() if line.startswith("valid ")]
+    assert valid.endswith(f"NaN/inf found: {store.path}: data/action has NaN or inf in episode 1 at step 2 "
+                          "(global step 6)")
+    assert "layout checked" not in out
+    row = next(line for line in out.splitlines() if line.startswith("qpos "))
+    assert row.split()[-4:] == ["0", "0", "0", "0"]  # clean keys keep their statistics
+    assert dopr(["data", "info", str(store.path), "--full"]) == 1  # the full scan finds the same place
+    assert "in episode 1 at step 2" in capsys.readouterr().out
+
+
+def test_data_errors_are_one_line(tmp_path, capsys):
+    assert dopr(["data", "info", str(tmp_path / "missing.zarr")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dopr data: error: ") and err.count("\n") == 1 and "missing.zarr" in err

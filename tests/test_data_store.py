@@ -348,3 +348,28 @@ def test_append_is_atomic_under_sigkill(tmp_path):
     assert counts == sorted(counts) and counts[-1] >= 6, counts
     print("episodes after each kill", counts, "kills inside an append", mid_episode_kills)
     assert mid_episode_kills >= 1, "no kill landed inside an append; the test did not exercise atomicity"
+
+
+def _store_with_nan_action(tmp_path, rng):
+    """A real store written by EpisodeStore (which refuses NaN on append), then corrupted the way a bad
+    tool or a flipped bit would: one action value of episode 2 step 3 set to NaN in place."""
+    store = EpisodeStore.create(tmp_path / "nan.zarr", attrs={"task": "lift"})
+    for length in (5, 7, 6):
+        store.append_episode(make_episode(rng, length, image=False))
+    zarr.open_group(str(store.path), mode="a")["data/action"][5 + 7 + 3, 4] = np.nan
+    return store.path
+
+
+def test_check_finite_names_store_key_episode_and_step(tmp_path, rng):
+    from dopr.data import check_finite
+
+    path = _store_with_nan_action(tmp_path, rng)
+    store = EpisodeStore.open(path)  # the cheap checks pass: the layout is fine
+    with pytest.raises(EpisodeStoreError) as err:
+        check_finite(path)
+    assert str(err.value) == f"{path}: data/action has NaN or inf in episode 2 at step 3 (global step 15)"
+    with pytest.raises(EpisodeStoreError, match=r"data/action has NaN or inf in episode 2 at step 3"):
+        check_finite(store, keys=["robot0_eef_pos", "action"])
+    check_finite(store, keys=["robot0_eef_pos", "state"])  # the other keys are clean
+    with pytest.raises(EpisodeStoreError, match=r"nan.zarr: no key\(s\) \['obs'\]"):
+        check_finite(store, keys=["obs"])

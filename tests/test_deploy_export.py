@@ -175,3 +175,28 @@ def test_corrupt_exported_file_is_refused_naming_it(tmp_path, suffix, kind):
     path.write_bytes(b"\x00not a model")
     with pytest.raises(ValueError, match=rf"broken{suffix}: not a .*{kind}"):
         PolicyRunner.from_file(path)
+
+
+def test_default_export_names_differ_across_runs_and_never_overwrite_silently(checkpoints, tmp_path, capsys):
+    import shutil
+
+    from dopr.scripts.cli import main
+
+    finals = []
+    for run in ("lift-mlp-adamw-s0", "lift-mlp-dopr-adamw-s0"):  # every run has a ckpt-final
+        finals.append(tmp_path / "runs" / run / "ckpt-final")
+        shutil.copytree(checkpoints["mlp"], finals[-1])
+    for ckpt in finals:
+        assert main(["export", str(ckpt)]) == 0
+    written = [ckpt / "export" / f"{ckpt.parent.name}-ckpt-final.pt" for ckpt in finals]
+    assert all(p.is_file() for p in written) and written[0].read_bytes() != b""
+    assert main(["export", str(finals[0]), "--no-ema"]) == 0  # other weights, another name
+    assert (finals[0] / "export" / "lift-mlp-adamw-s0-ckpt-final-raw.pt").is_file()
+    capsys.readouterr()
+    before = written[0].stat().st_mtime_ns
+    assert main(["export", str(finals[0])]) == 2
+    assert capsys.readouterr().err == (f"dopr export: error: {written[0]} exists; pass --overwrite to replace it, "
+                                       "or --out another file\n")
+    assert written[0].stat().st_mtime_ns == before
+    assert main(["export", str(finals[0]), "--overwrite"]) == 0 and written[0].stat().st_mtime_ns != before
+    ExportedModel(written[0])  # still a loadable file

@@ -79,63 +79,135 @@ def test_report_from_real_runs(runs, tmp_path):
     assert "too few seeds to tell" in paired
 
 
-def test_report_correlations_match_hand_computed(runs, tmp_path):
-    """Same real runs with chosen success rates (results.json written by the evaluator's own code)."""
+def _ranks(v):  # distinct values here: rank = position in sorted order
+    order = np.argsort(v)
+    r = np.empty(len(v))
+    r[order] = np.arange(1, len(v) + 1)
+    return r
+
+
+def _hand_rho(pts):
+    x, y = _ranks([p[1] for p in pts]), _ranks([p[2] for p in pts])
+    d = x - y
+    n = len(pts)
+    return 1 - 6 * np.sum(d * d) / (n * (n * n - 1))  # no ties
+
+
+def _write_successes(run_dirs, chosen, n=20, ckpts=("ckpt-0000020", "ckpt-0000040", "ckpt-final")):
+    """results.json of each run's checkpoints, written by the evaluator's own code, with the chosen number of
+    successes out of n episodes: {run name: (k at ckpts[0], ...)}. Returns (run, val loss, success, step)."""
     from dopr.atomic import write_json_atomic
     from dopr.eval.metrics import success_stats
-    from dopr.eval.report import build_report
     from dopr.eval.results import EvalResult
+
+    points = []
+    for run in run_dirs:
+        name = os.path.basename(run)
+        for ckpt, k in zip(ckpts, chosen[name]):
+            episodes = [{"episode": i, "success": i < k, "steps": 5, "return": 0.0,
+                         "time_to_success": 5 if i < k else None} for i in range(n)]
+            result = EvalResult(task=TASK, **vars(success_stats(episodes)), protocol={"init": "random", "horizon": 20})
+            write_json_atomic(os.path.join(run, ckpt, "eval", "results.json"), result.summary())
+            meta = json.load(open(os.path.join(run, ckpt, "meta.json")))
+            points.append((name, meta["val_loss"], k / n, meta["step"]))
+    return points
+
+
+def _copies(runs, tmp_path) -> list[str]:
+    copies = []
+    for run in runs:
+        copies.append(str(tmp_path / "runs" / os.path.basename(run)))
+        shutil.copytree(run, copies[-1])
+    return copies
+
+
+@pytest.mark.parametrize("successes", [
+    {"adamw": 38, "dopr-adamw": 38},  # 38/50 each: an exact tie, which used to be reported as adamw's win
+    {"adamw": 40, "dopr-adamw": 34},  # 40/50 against 34/50: 0.67-0.89 and 0.54-0.79 overlap
+    {"adamw": 34, "dopr-adamw": 40},
+])
+def test_final_checkpoints_tie_and_overlap_are_said(runs, tmp_path, successes):
+    from dopr.eval.report import build_report
+
+    copies = _copies(runs, tmp_path)
+    points = _write_successes(copies, {k: (v,) for k, v in successes.items()}, n=50, ckpts=("ckpt-final",))
+    build_report(copies, str(tmp_path / "out"))
+    md = open(tmp_path / "out" / "report.md").read()
+    (line,) = [line for line in md.splitlines() if line.startswith("- Final checkpoints")]
+    lower_loss = min(points, key=lambda p: p[1])[0]
+    if len(set(successes.values())) == 1:
+        assert "highest mean success adamw and dopr-adamw (0.760, an exact tie)" in line
+        assert line.endswith("validation loss picked one of the configurations tied for the highest success.")
+        return
+    best = max(successes, key=successes.get)
+    other = min(successes, key=successes.get)
+    assert f"highest mean success {best} (0.800)" in line
+    intervals = {40: "0.67-0.89", 34: "0.54-0.79"}
+    spans = f"{best} {intervals[40]}, {other} {intervals[34]}"
+    if lower_loss == best:  # the most successful has the lower loss too, but the episodes cannot single it out
+        assert line.endswith(f"validation loss picked the configuration success picked; the pooled 95% intervals of "
+                             f"{other} overlap the best ({spans}), so the episodes do not single out {best} either.")
+    else:
+        assert line.endswith("validation loss did NOT pick the configuration with the highest success, but their "
+                             f"pooled 95% intervals overlap ({spans}): the episodes do not resolve that difference.")
+
+
+def test_report_correlations_match_hand_computed(runs, tmp_path):
+    """The real runs, each copied as a second seed, with chosen success rates (results.json written by the
+    evaluator's own code): rho over independent runs (final checkpoints; each step) against a hand computation,
+    and the all-checkpoint rho shown as a description without a p-value."""
+    from dopr.atomic import write_json_atomic
+    from dopr.eval.report import build_report
 
     copies = []
     for run in runs:
-        dst = tmp_path / "runs" / os.path.basename(run)
-        shutil.copytree(run, dst)
-        copies.append(str(dst))
+        for seed in (0, 1):
+            dst = tmp_path / "runs" / f"{os.path.basename(run)}-s{seed}"
+            shutil.copytree(run, dst)
+            copies.append(str(dst))
+            if seed:  # another seed: its own validation losses and seed
+                for meta_path in dst.glob("ckpt-*/meta.json"):
+                    meta = json.loads(meta_path.read_text())
+                    write_json_atomic(meta_path, {**meta, "val_loss": meta["val_loss"] * 1.05})
+                write_json_atomic(dst / "config.json", {**json.loads((dst / "config.json").read_text()), "seed": 1})
     # successes of 20 episodes at steps 20, 40, 60
-    chosen = {"adamw": (4, 10, 17), "dopr-adamw": (18, 8, 2)}
-    points = []
-    for run in copies:
-        opt = os.path.basename(run)
-        for ckpt, k in zip(("ckpt-0000020", "ckpt-0000040", "ckpt-final"), chosen[opt]):
-            episodes = [{"episode": i, "success": i < k, "steps": 5, "return": 0.0,
-                         "time_to_success": 5 if i < k else None}
-                        for i in range(20)]
-            result = EvalResult(task=TASK, **vars(success_stats(episodes)), protocol={"init": "random", "horizon": 20})
-            write_json_atomic(os.path.join(run, ckpt, "eval", "results.json"), result.summary())
-            points.append((opt, json.load(open(os.path.join(run, ckpt, "meta.json")))["val_loss"], k / 20))
+    chosen = {"adamw-s0": (4, 10, 17), "adamw-s1": (5, 12, 16), "dopr-adamw-s0": (18, 8, 2),
+              "dopr-adamw-s1": (15, 9, 3)}
+    points = _write_successes(copies, chosen)  # (run, val loss, success, step)
     build_report(copies, str(tmp_path / "out"))
     md = open(tmp_path / "out" / "report.md").read()
     saved = json.load(open(tmp_path / "out" / "report.json"))["spearman_val_loss_vs_success"]
+    assert len({p[1] for p in points}) == 12 and len({p[2] for p in points}) == 12
 
-    def ranks(v):  # distinct values here: rank = position in sorted order
-        order = np.argsort(v)
-        r = np.empty(len(v))
-        r[order] = np.arange(1, len(v) + 1)
-        return r
-
-    def hand_rho(pts):
-        x, y = ranks([p[1] for p in pts]), ranks([p[2] for p in pts])
-        d = x - y
-        n = len(pts)
-        return 1 - 6 * np.sum(d * d) / (n * (n * n - 1))  # no ties
-
-    assert len({p[1] for p in points}) == 6 and len({p[2] for p in points}) == 6
-    expected = hand_rho(points)
-    assert saved["pooled"]["rho"] == pytest.approx(expected) and saved["pooled"]["n"] == 6
-    assert f"| pooled | {expected:+.3f} |" in md
-    for opt in OPTIMIZERS:
-        rho = hand_rho([p for p in points if p[0] == opt])
-        assert saved[opt]["rho"] == pytest.approx(rho) and saved[opt]["n"] == 3
-        assert f"| {opt} | {rho:+.3f} |" in md
+    # independent units: the runs' final checkpoints, and the runs' checkpoints at one step
+    finals = [p for p in points if p[3] == 60]
+    rho = _hand_rho(finals)
+    assert saved["final"]["all runs"]["rho"] == pytest.approx(rho) and saved["final"]["all runs"]["n"] == 4
+    assert 0 < saved["final"]["all runs"]["p_value"] <= 1
+    assert f"| all runs | final checkpoint of each run | {rho:+.3f} |" in md
+    for step in (20, 40, 60):
+        rho = _hand_rho([p for p in points if p[3] == step])
+        assert saved["within_step"][str(step)]["rho"] == pytest.approx(rho)
+        assert f"| all runs | step {step}, one checkpoint per run | {rho:+.3f} |" in md
+    for opt in OPTIMIZERS:  # two runs each: too few for a rank correlation
+        assert saved["final"][opt]["n"] == 2 and saved["final"][opt]["rho"] is None  # NaN is written as null
+        assert f"| {opt} | final checkpoint of each run | - | - | 2 |" in md
+    # all 12 checkpoints: described, never tested as if independent
+    rho = _hand_rho(points)
+    assert saved["pooled_checkpoints"]["rho"] == pytest.approx(rho) and saved["pooled_checkpoints"]["n"] == 12
+    assert saved["pooled_checkpoints"]["p_value"] is None and saved["pooled_checkpoints"]["n_runs"] == 4
+    assert (f"| all checkpoints (descriptive) | every evaluated checkpoint of 4 runs, steps mixed | {rho:+.3f} | - "
+            "| 12 |") in md
+    assert f"- Pooled over all 12 evaluated checkpoints of 4 runs: rho={rho:+.2f}, a description only" in md
     assert "At a glance" in md
-    # final checkpoints: 17/20 against 2/20, whose Wilson intervals separate
+    # final checkpoints: 33/40 against 5/40, whose Wilson intervals separate
     (final_line,) = [line for line in md.splitlines() if line.startswith("- Final checkpoints")]
-    lower_loss = min(OPTIMIZERS, key=lambda o: [p[1] for p in points if p[0] == o][-1])
+    lower_loss = min(OPTIMIZERS, key=lambda o: np.mean([p[1] for p in finals if p[0].rsplit("-s", 1)[0] == o]))
     if lower_loss == "adamw":
-        assert "validation loss ranked the optimizers as success did" in final_line
+        assert "validation loss picked the configuration success picked" in final_line
     else:
-        assert "intervals separate (dopr-adamw 0.03-0.30, adamw 0.64-0.95)" in final_line
-        assert "would have cost 0.75 in success" in final_line
+        assert "intervals separate (dopr-adamw 0.05-0.26, adamw 0.68-0.91)" in final_line
+        assert "would have cost 0.70 in success" in final_line
     assert _has_colour(str(tmp_path / "out" / "success_vs_val_loss.png"), TAB10_BLUE)
     assert _has_colour(str(tmp_path / "out" / "success_vs_val_loss.png"), TAB10_ORANGE)
 
@@ -146,3 +218,33 @@ def test_report_refuses_folders_without_checkpoints(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no run folders|none of"):
         build_report([str(tmp_path / "empty")], str(tmp_path / "out"))
+
+
+def test_compounding_error_shows_counts_median_and_stops_where_few_run(runs, tmp_path):
+    """A curve whose late steps rest on 3 episodes, one diverging: the report shows the median up to the last
+    step at which 5 episodes run, says how many run there, and plots the counts."""
+    from dopr.atomic import write_json_atomic
+    from dopr.eval.compounding_error import compounding_error_curve
+    from dopr.eval.report import build_report
+    from dopr.tests.test_statistics import _series
+
+    copies = _copies(runs, tmp_path)
+    curve = compounding_error_curve(_series())
+    new, old = (os.path.join(run, "ckpt-final", "eval", "compounding_error.json") for run in copies)
+    write_json_atomic(new, {"episodes": 20, **curve})
+    write_json_atomic(old, {"episodes": 20, **{k: curve[k] for k in ("step", "mean", "std", "count")}})
+    build_report(copies, str(tmp_path / "out"))
+    md = open(tmp_path / "out" / "report.md").read()
+    rows = {line.split(" | ")[0][2:]: line for line in md.splitlines()
+            if line.startswith("| ") and " | 20 | me" in line}
+    # median at step 0; at step 9, the last with all 20 running; shown up to step 29 with 8 running
+    at9 = 0.1 * (1 + 9.5 / 20) + 0.09
+    at29 = float(np.median([0.1 * (1 + i / 20) + 0.29 for i in range(12, 20)]))
+    assert rows["adamw"].startswith(f"| adamw | 60 | 20 | median | 0.1475 | {at9:.4g} | 29 (8) | {at29:.4g} (")
+    assert rows["adamw"].endswith(f" | {at29:.4g} |")  # the largest value shown: the divergence is cut off
+    assert rows["dopr-adamw"].startswith("| dopr-adamw | 60 | 20 | mean | ")  # an older file: its mean, cut the same
+    assert " | 29 (8) | " in rows["dopr-adamw"]
+    assert "fewer than a quarter of its episodes, or fewer than 5, still run" in md
+    assert os.path.getsize(tmp_path / "out" / "compounding_error.png") > 5000
+    saved = json.load(open(tmp_path / "out" / "report.json"))["compounding_error"]
+    assert {c["run"] for c in saved} == {"adamw", "dopr-adamw"}
