@@ -1,10 +1,22 @@
-"""Activation-wise preconditioning (AP): M = g (Sigma + gamma tr(Sigma) I)^-1, solved stably.
+"""Activation-wise preconditioning (AP): M = g (Sigma + delta I)^-1, solved stably.
 
-The damped matrix A = Sigma + delta I with delta = gamma tr(Sigma) + floor has eigenvalues in
-[delta, tr(Sigma) + delta], so its condition number is at most (tr + delta) / delta. When that bound
-is moderate (the default damping gives about 11) the inverse, formed from a Cholesky factor (float32
-up to a bound of 1e3, float64 beyond), is as accurate as a solve and costs one matrix product per
-step; when it is large (damping near 0) the float64 factor is kept and every step solves with it.
+delta = gamma tr(Sigma) + floor (damping_mode "trace", the paper's form) or gamma tr(Sigma)/d + floor
+("mean_eig": gamma in units of Sigma's mean eigenvalue, so one value means the same at every width).
+The damped matrix A = Sigma + delta I has eigenvalues in [delta, tr(Sigma) + delta], so its condition
+number is at most kappa = (tr + delta) / delta. Float32 is used up to kappa = 1e3 (it loses at most
+~1e3 * 6e-8 relative accuracy and runs about twice as fast as float64 on a CPU), float64 beyond.
+
+Two uses:
+- Stored factors (statistics refreshed every few steps): `factorize` keeps A^-1 in float32 when
+  kappa <= 1e4 (one matrix product per step) and A's float64 Cholesky factor otherwise.
+- Same-batch AP (this step's Sigma for this step's gradient): `precondition_same_batch` never forms an
+  inverse. Where the layer has fewer inputs than rows (d <= n) it factors A and solves (Cholesky, two
+  triangular solves). Where it is wider than its batch, Sigma = Z^T Z / n has rank <= n and Woodbury's
+  identity turns the d x d system into an n x n one:
+      A^-1 = (I - Z^T (n delta I + Z Z^T)^-1 Z) / delta
+      M    = (g - (g Z^T) (n delta I + Z Z^T)^-1 Z) / delta
+  It uses the gradient as it is (clipped, accumulated or regularized alike); for g = Delta^T Z it equals
+  Delta^T (Z Z^T / n + delta I)^-1 Z (push-through identity). Whichever form needs fewer flops runs.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ MAX_COND_FOR_FLOAT32 = 1e3
 # Above this condition bound a float32 explicit inverse would lose too many digits: solve in float64.
 MAX_COND_FOR_INVERSE = 1e4
 JITTER_TRIES = 8  # relative jitter 1e-10 .. 1e-3 of the mean diagonal
+DAMPING_MODES = ("trace", "mean_eig")
 
 
 @dataclass
@@ -29,25 +42,50 @@ class Factor:
     cholesky: torch.Tensor | None = None
 
 
-def factorize(names: list[str], sigmas: list[torch.Tensor], damping: float, floor: float) -> list[Factor]:
-    """Factor A = Sigma + (damping tr(Sigma) + floor) I for every layer; equal sizes are batched."""
+@dataclass
+class Damping:
+    """delta = gamma * tr(Sigma) [/ d] + floor."""
+
+    gamma: float
+    mode: str = "trace"
+    floor: float = 0.0
+
+    def delta(self, trace: torch.Tensor, d: int) -> torch.Tensor:
+        scale = self.gamma / d if self.mode == "mean_eig" else self.gamma
+        return scale * trace + self.floor
+
+
+def _damped_cholesky(names, sigmas: list[torch.Tensor], damping: Damping):
+    """Lower Cholesky factors of A = Sigma + delta I for equal-sized Sigmas, batched; float64 where kappa > 1e3."""
+    sig = torch.stack(sigmas).float()
+    d = sig.shape[-1]
+    trace = sig.diagonal(dim1=-2, dim2=-1).sum(-1)
+    delta = damping.delta(trace, d)
+    if ((trace + delta) / delta).max() > MAX_COND_FOR_FLOAT32:
+        sig, trace, delta = sig.double(), trace.double(), delta.double()
+    # A = Sigma + delta I in place (the stack is a copy; the jitter fallback re-reads the caller's Sigma)
+    sig.diagonal(dim1=-2, dim2=-1).add_(delta[:, None])
+    chol, info = torch.linalg.cholesky_ex(sig)
+    for j in (info != 0).nonzero().flatten().tolist() if info.any() else ():  # A indefinite by rounding: jitter
+        chol[j], delta[j] = _cholesky_with_jitter(names[j], sigmas[j].to(sig.dtype), delta[j], trace[j])
+    return chol, trace, delta
+
+
+def _by_size(mats: list[torch.Tensor]) -> list[list[int]]:
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(mats):
+        groups.setdefault((m.shape[-1], m.device), []).append(i)
+    return list(groups.values())
+
+
+def factorize(names: list[str], sigmas: list[torch.Tensor], damping: float | Damping,
+              floor: float = 0.0) -> list[Factor]:
+    """Factor A = Sigma + delta I for every layer; equal sizes are batched."""
+    if not isinstance(damping, Damping):
+        damping = Damping(damping, "trace", floor)
     factors: list[Factor | None] = [None] * len(sigmas)
-    by_size: dict[int, list[int]] = {}
-    for i, s in enumerate(sigmas):
-        by_size.setdefault(s.shape[0], []).append(i)
-    for idx in by_size.values():
-        sig = torch.stack([sigmas[i] for i in idx]).float()
-        trace = sig.diagonal(dim1=-2, dim2=-1).sum(-1)
-        delta = damping * trace + floor
-        if ((trace + delta) / delta).max() > MAX_COND_FOR_FLOAT32:
-            sig, trace, delta = sig.double(), trace.double(), delta.double()
-        eye = torch.eye(sig.shape[-1], dtype=sig.dtype, device=sig.device)
-        # A = Sigma + delta I in place (the stack is a copy; the jitter fallback re-reads the caller's Sigma)
-        sig.diagonal(dim1=-2, dim2=-1).add_(delta[:, None])
-        chol, info = torch.linalg.cholesky_ex(sig)
-        for j in (info != 0).nonzero().flatten().tolist() if info.any() else ():  # A indefinite by rounding: jitter
-            original = sigmas[idx[j]].float().to(sig.dtype)
-            chol[j], delta[j] = _cholesky_with_jitter(names[idx[j]], original, delta[j], trace[j], eye)
+    for idx in _by_size(sigmas):
+        chol, trace, delta = _damped_cholesky([names[i] for i in idx], [sigmas[i] for i in idx], damping)
         explicit = ((trace + delta) / delta <= MAX_COND_FOR_INVERSE).tolist()
         inverse = _inverse(chol).float() if all(explicit) else None
         for j, i in enumerate(idx):
@@ -66,8 +104,9 @@ def _inverse(chol: torch.Tensor) -> torch.Tensor:
     return torch.cholesky_inverse(chol.mT, upper=True)
 
 
-def _cholesky_with_jitter(name, sig, delta, trace, eye):
+def _cholesky_with_jitter(name, sig, delta, trace):
     scale = max(float(trace) / sig.shape[-1], 1e-12)
+    eye = torch.eye(sig.shape[-1], dtype=sig.dtype, device=sig.device)
     for t in range(JITTER_TRIES):
         jitter = scale * 10.0 ** (t - 10)
         chol, info = torch.linalg.cholesky_ex(sig + (delta + jitter) * eye)
@@ -79,19 +118,68 @@ def _cholesky_with_jitter(name, sig, delta, trace, eye):
     )
 
 
-def precondition(g_w: torch.Tensor, g_b: torch.Tensor | None, factor: Factor):
-    """M = [g_w | g_b] A^-1 for a weight gradient g_w (out, fan_in) and bias gradient g_b (out,).
+def precondition(g: torch.Tensor, factor: Factor) -> torch.Tensor:
+    """M = g A^-1 for g = [g_w | g_b] (rows, d) from a stored factor.
 
-    `factor.inverse` must already have g_w's dtype (the optimizer casts it once per refresh, not per step).
+    `factor.inverse` must already have g's dtype (the optimizer casts it once per refresh, not per step).
     """
-    d = g_w.shape[1]
     if factor.inverse is not None:
-        p = factor.inverse
-        if g_b is None:
-            return g_w @ p, None
-        # one product with the bias as a column: ~7% faster than g_w P[:d, :d] plus a rank-1 update
-        g = torch.cat([g_w, g_b[:, None]], dim=1)
-        return g @ p[:, :d], g @ p[d]  # p is symmetric: its row d is its column d, contiguous
-    g = g_w if g_b is None else torch.cat([g_w, g_b[:, None]], dim=1)
-    m = torch.cholesky_solve(g.T.to(torch.float64), factor.cholesky).T.to(g_w.dtype)
-    return (m, None) if g_b is None else (m[:, :d].contiguous(), m[:, d].contiguous())
+        return g @ factor.inverse
+    return torch.cholesky_solve(g.T.to(torch.float64), factor.cholesky).T.to(g.dtype)
+
+
+def primal_flops(n: float, d: int, rows: int) -> float:
+    """Sigma = Z^T Z / n, its Cholesky factor and two triangular solves with g's rows."""
+    return 2 * n * d * d + d**3 / 3 + 2 * rows * d * d
+
+
+def dual_flops(n: float, d: int, rows: int) -> float:
+    """Z Z^T, its Cholesky factor, g Z^T, a solve, and the product with Z."""
+    return 2 * n * n * d + n**3 / 3 + 4 * rows * n * d + 2 * rows * n * n
+
+
+def precondition_same_batch(names: list[str], grads: list[torch.Tensor], sigmas: list[torch.Tensor],
+                            damping: Damping) -> list[torch.Tensor]:
+    """M_i = g_i (Sigma_i + delta_i I)^-1 by Cholesky and triangular solves (no inverse); equal sizes batched.
+
+    Several gradients may share one Sigma (the same tensor object): it is factored once."""
+    first: dict[int, int] = {}  # id(Sigma) -> the first gradient that uses it
+    for i, s in enumerate(sigmas):
+        first.setdefault(id(s), i)
+    owners = list(first.values())
+    chol_of: dict[int, torch.Tensor] = {}  # id(Sigma) -> its Cholesky factor
+    for idx in _by_size([sigmas[i] for i in owners]):
+        group = [owners[j] for j in idx]
+        chol, _, _ = _damped_cholesky([names[i] for i in group], [sigmas[i] for i in group], damping)
+        for j, i in enumerate(group):
+            chol_of[id(sigmas[i])] = chol[j]
+    out: list[torch.Tensor | None] = [None] * len(grads)
+    solves: dict[tuple, list[int]] = {}  # equal (Sigma size, rows, dtype): one batched solve
+    for i, (g, s) in enumerate(zip(grads, sigmas)):
+        chol = chol_of[id(s)]
+        solves.setdefault((chol.shape[-1], g.shape[0], chol.dtype), []).append(i)
+    for idx in solves.values():
+        ls = torch.stack([chol_of[id(sigmas[i])] for i in idx])
+        rhs = torch.stack([grads[i].T for i in idx]).to(ls.dtype)  # (k, d, rows): column-major, as LAPACK reads
+        m = torch.cholesky_solve(rhs, ls)
+        for j, i in enumerate(idx):
+            out[i] = m[j].T.to(grads[i].dtype)
+    return out
+
+
+def precondition_dual(name: str, g: torch.Tensor, z: torch.Tensor, damping: Damping) -> torch.Tensor:
+    """M = g (Z^T Z / n + delta I)^-1 through the n x n system of Woodbury's identity (see the module docstring)."""
+    n, d = z.shape
+    kernel = z @ z.T
+    trace = kernel.diagonal().sum() / n  # tr(Sigma)
+    delta = damping.delta(trace, d)
+    dtype = torch.float64 if (trace + delta) / delta > MAX_COND_FOR_FLOAT32 else torch.float32
+    if dtype != kernel.dtype:
+        kernel, z, trace, delta = kernel.to(dtype), z.to(dtype), trace.to(dtype), delta.to(dtype)
+    g = g.to(dtype)
+    kernel.diagonal().add_(n * delta)
+    chol, info = torch.linalg.cholesky_ex(kernel)
+    if info != 0:  # indefinite by rounding: the same jitter as the primal form, in units of n
+        chol, _ = _cholesky_with_jitter(name, kernel - n * delta * torch.eye(n, dtype=dtype), n * delta, trace * n)
+    coef = torch.cholesky_solve((g @ z.T).T, chol)  # (n, rows) = (n delta I + Z Z^T)^-1 Z g^T
+    return torch.addmm(g, coef.T, z, alpha=-1).div_(delta)

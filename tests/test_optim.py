@@ -349,7 +349,7 @@ def test_hooks_are_attached_only_on_steps_that_record():
         opt.zero_grad()
         F.mse_loss(model(x), y).backward()
         if attached[-1]:
-            assert set(opt._inputs.moments) == {l.name for l in opt.layers}
+            assert set(opt._inputs.moments) == {b.stats_key for b in opt.blocks}
         else:
             assert not opt._inputs.moments
         opt.step()

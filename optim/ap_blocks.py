@@ -1,0 +1,154 @@
+"""Which weights get activation-wise preconditioning (AP), and how each gradient meets its Sigma.
+
+An AP block is a weight (or some rows of it) whose gradient g, reshaped to (rows, d), is
+preconditioned as M = [g | g_b] (Sigma + delta I)^-1 with Sigma the covariance of its recorded
+inputs (d x d, or (d+1) x (d+1) with the bias as the homogeneous coordinate).
+
+The invariance principle (Zhang et al. 2026) gives every block: transform the layer's input by an
+invertible A, the same A at every position or token, and the weights by the inverse, so the output is
+unchanged; AP is the update whose effect on the output does not depend on A.
+- nn.Linear: z -> A z, W -> W A^-1: M = g Sigma^-1.
+- Convolution, channel form: A acts on the C channels at every input position, so every kernel tap
+  j's weight W_j (out x C) transforms as W_j A^-1 and M_j = g_j Sigma_c^-1, one (C [+1])^2 matrix for
+  all taps. Sigma_c averages x x^T over every (output position, tap) read, padded zeros included.
+  The bias: out_p = sum_j W_j x_{p,j} + b. Write the augmented channel vector x~ = [x; 1] and split
+  the bias over the taps, b = sum_j c_j, so out_p = sum_j [W_j | c_j] x~_{p,j}: every tap is a Linear
+  layer on x~ and the shared affine transform x -> A x + a (A~ = [[A, a], [0, 1]]) keeps the output
+  when each [W_j | c_j] -> [W_j | c_j] A~^-1. Then dL/dc_j = g_b for every j, the invariant update
+  of tap j is [m_j | m_b,j] = [g_j | g_b] Sigma~_c^-1, and the bias moves by sum_j m_b,j. (Averaging
+  instead of summing, or giving each tap g_b / k, breaks invariance under the shift a.)
+  With k = 1 this is exactly the Linear form.
+- Convolution, patch form: the K-FAC patch covariance ((C k [+1])^2): z = the unfolded patch.
+- nn.MultiheadAttention: the q, k and v rows of in_proj are three Linear maps of the query, key and
+  value inputs (one input in self-attention, so one Sigma); out_proj is a Linear map of the attention
+  output. Attention built from nn.Linear modules is covered by the Linear form as it is.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .activation_stats import ATTENTION_PARTS, SUPPORTED_LAYERS
+
+
+@dataclass(eq=False)
+class APBlock:
+    name: str  # "enc.0", or "enc.attn:q" for a part of an attention layer
+    stats_key: str  # the recorded inputs whose Sigma preconditions this block
+    module: nn.Module
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+    rows: slice | None = None  # the rows of weight (and bias) this block owns; None: all
+    taps: int = 1  # the channel form: kernel taps that share one channel covariance
+    state_suffix: str = ""  # this block's factors live in state[weight]["ap_inverse" + suffix]
+
+    @property
+    def homogeneous(self) -> bool:
+        return self.bias is not None
+
+    def gradient(self) -> torch.Tensor | None:
+        """[g | g_b] as (out * taps, d [+1]); None when the weight has no gradient."""
+        g = self.weight.grad
+        if g is None:
+            return None
+        g = g if self.rows is None else g[self.rows]
+        out = g.shape[0]
+        if self.taps > 1:  # (out, C, *k) -> one row per (output channel, tap)
+            g = g.reshape(out, g.shape[1], self.taps).transpose(1, 2).reshape(out * self.taps, -1)
+        else:
+            g = g.reshape(out, -1)
+        if self.bias is None:
+            return g
+        g_b = self.bias.grad
+        g_b = torch.zeros(out, dtype=g.dtype, device=g.device) if g_b is None else g_b
+        g_b = g_b if self.rows is None else g_b[self.rows]
+        return torch.cat([g, g_b.repeat_interleave(self.taps)[:, None]], dim=1)
+
+    def write(self, m: torch.Tensor, updates: dict[int, torch.Tensor]) -> None:
+        """Put M's weight and bias parts where the base optimizer reads them (updates[id(param)])."""
+        d = m.shape[1] - self.homogeneous
+        m_w = m[:, :d]
+        if self.taps > 1:
+            shape = self.weight.shape if self.rows is None else self.weight[self.rows].shape
+            m_w = m_w.reshape(shape[0], self.taps, d).transpose(1, 2).reshape(shape)
+        self._put(self.weight, m_w, updates)
+        if self.bias is not None:
+            self._put(self.bias, m[:, d].reshape(-1, self.taps).sum(1), updates)
+
+    def _put(self, param, value, updates) -> None:
+        if self.rows is None:
+            updates[id(param)] = value.reshape(param.shape)
+            return
+        if id(param) not in updates:  # rows no block owns keep their gradient
+            updates[id(param)] = param.grad.clone() if param.grad is not None else torch.zeros_like(param)
+        updates[id(param)][self.rows] = value.reshape(updates[id(param)][self.rows].shape)
+
+
+def _is_excluded(exclude, name: str, module: nn.Module) -> bool:
+    if callable(exclude):
+        return bool(exclude(name, module))
+    return any(
+        (item is module) if isinstance(item, nn.Module) else fnmatch.fnmatchcase(name, item) for item in exclude
+    )
+
+
+def _trainable(p) -> nn.Parameter | None:
+    return p if p is not None and p.requires_grad else None
+
+
+def find_blocks(model: nn.Module, exclude=(), conv: str = "channel") -> tuple[list[APBlock], dict[str, nn.Module]]:
+    """The AP blocks of `model` and the modules whose forward hooks record their inputs."""
+    blocks: list[APBlock] = []
+    hooked: dict[str, nn.Module] = {}
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, SUPPORTED_LAYERS) or id(module) in seen:
+            continue
+        if _is_excluded(exclude, name, module):
+            continue
+        if isinstance(module, nn.MultiheadAttention):
+            seen.add(id(module.out_proj))  # called functionally inside the attention: no hook of its own fires
+            found = _attention_blocks(name, module)
+        else:
+            found = _layer_blocks(name, module, conv)
+        found = [b for b in found if b.weight.requires_grad and id(b.weight) not in seen]
+        seen.update(id(b.weight) for b in found if b.rows is None)
+        if found:
+            blocks += found
+            hooked[name] = module
+    return blocks, hooked
+
+
+def _layer_blocks(name: str, module: nn.Module, conv: str) -> list[APBlock]:
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        if module.groups != 1:
+            warnings.warn(f"DoPr: conv layer '{name}' has groups={module.groups}; it gets no AP (base optimizer only)")
+            return []
+        taps = module.weight[0, 0].numel() if conv == "channel" else 1
+        return [APBlock(name, name, module, module.weight, _trainable(module.bias), taps=taps)]
+    return [APBlock(name, name, module, module.weight, _trainable(module.bias))]
+
+
+def _attention_blocks(name: str, attn: nn.MultiheadAttention) -> list[APBlock]:
+    e, bias = attn.embed_dim, _trainable(attn.in_proj_bias)
+    blocks = []
+    for i, part in enumerate(ATTENTION_PARTS[:3]):
+        rows = slice(i * e, (i + 1) * e)
+        if attn._qkv_same_embed_dim:
+            weight, weight_rows = attn.in_proj_weight, rows
+        else:  # kdim/vdim != embed_dim: separate q, k, v weights, one bias
+            weight, weight_rows = getattr(attn, f"{part}_proj_weight"), None
+        if weight_rows is None and bias is not None:
+            # a block owns the same rows of its weight and bias; this layout has none to share
+            warnings.warn(f"DoPr: attention '{name}' has separate q/k/v weights and a bias; its {part} rows get no AP")
+            continue
+        blocks.append(APBlock(f"{name}:{part}", f"{name}:{part}", attn, weight, bias, weight_rows,
+                              state_suffix=f":{part}"))
+    out = attn.out_proj
+    blocks.append(APBlock(f"{name}:out", f"{name}:out", attn, out.weight, _trainable(out.bias)))
+    return blocks
