@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)
-CONV_FORMS = ("channel", "patch")
 ATTENTION_PARTS = ("q", "k", "v", "out")
 
 

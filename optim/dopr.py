@@ -22,15 +22,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .activation_stats import CONV_FORMS, InputMoments, InputStatistics
+from .activation_stats import InputMoments, InputStatistics
 from .ap_blocks import APBlock, find_blocks
 from .base_updates import adamuon_update, adamw_update, muon_update, sgd_update, signum_update
-from .preconditioner import (DAMPING_MODES, Damping, Factor, dual_flops, factorize, precondition,
+from .names import BASES, CONV_FORMS, DAMPING_MODES, STAT_MODES
+from .preconditioner import (Damping, Factor, dual_flops, factorize, precondition,
                              precondition_dual, precondition_same_batch, primal_flops)
 
-BASES = ("adamw", "muon", "signum", "adamuon", "sgd")
 MATRIX_BASES = ("muon", "adamuon")  # update AP weights as matrices, everything else with AdamW
-STAT_MODES = ("batch", "ema", "same-batch")
 DEFAULT_MOMENTUM = {"muon": 0.95, "adamuon": 0.95, "signum": 0.9}
 # The optimizer state of a layer's weight that holds DoPr's own statistics and factors; these keep
 # their dtype on load (torch casts other floating state to the parameter's dtype). A block that owns

@@ -31,7 +31,6 @@ MAX_COND_FOR_FLOAT32 = 1e3
 # Above this condition bound a float32 explicit inverse would lose too many digits: solve in float64.
 MAX_COND_FOR_INVERSE = 1e4
 JITTER_TRIES = 8  # relative jitter 1e-10 .. 1e-3 of the mean diagonal
-DAMPING_MODES = ("trace", "mean_eig")
 
 
 @dataclass

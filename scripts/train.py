@@ -30,7 +30,7 @@ import numpy as np
 from dopr.data.atomic import read_jsonl, write_json_atomic, write_text_atomic
 
 POLICIES = ("mlp", "diffusion", "flow")
-OPTIMIZERS = ("dopr-adamw", "dopr-muon", "adamw", "muon")
+from dopr.optim.names import OPTIMIZERS, STAT_MODES  # noqa: E402 (torch-free: `dopr --help` stays fast)
 VAL_BATCH_SIZE = 256  # fixed, so the fixed validation noise does not depend on the training batch size
 # Fields that may differ between a run and its resumption (they do not change the weights).
 # A moved run folder or dataset is fine: the dataset is checked by its fingerprint instead of its path.
@@ -96,7 +96,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="global batch size (default %(default)s)")
     p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="decoupled weight decay (default %(default)s)")
     p.add_argument("--damping", type=float, default=None, help="DoPr damping gamma (dopr-* only; default: dopr.optim's)")
-    p.add_argument("--stats", choices=("batch", "ema"), default=None,
+    p.add_argument("--stats", choices=STAT_MODES, default=None,
                    help="DoPr input statistics: this batch's, or an EMA over steps (dopr-* only; default: dopr.optim's)")
     p.add_argument("--precond-every", type=int, default=None,
                    help="DoPr refreshes its factorization every K steps (dopr-* only; default: dopr.optim's)")
