@@ -140,7 +140,10 @@ class InputMoments:
         return torch.cat([z, z.new_ones(z.shape[0], 1)], dim=1) if homogeneous else z
 
     def sigma(self, homogeneous: bool) -> torch.Tensor:
-        """(1/n) sum w z z^T (float32), with the homogeneous coordinate appended when asked."""
+        """(1/n) sum w z z^T (float32), with the homogeneous coordinate appended when asked; a new tensor."""
+        if self.rows:  # one product of the rows with the ones column: the whole matrix, no copies
+            z = self.matrix(homogeneous)
+            return (z.T @ z).div_(self.n)
         self.fold()
         d = self.zz.shape[0]
         out = self.zz.new_empty(d + homogeneous, d + homogeneous)
@@ -151,10 +154,9 @@ class InputMoments:
             out[d, d] = self.n
         return out.div_(max(self.n, 1e-30))
 
-    def peak(self) -> torch.Tensor:
-        """A norm that is non-finite exactly when some recorded input is (one number per moments)."""
-        parts = self.rows + ([self.zz] if self.zz is not None else [])
-        return torch.stack(torch._foreach_norm(parts)).sum()
+    def tensors(self) -> list[torch.Tensor]:
+        """What was recorded: non-finite exactly when some recorded input was."""
+        return self.rows + ([self.zz] if self.zz is not None else [])
 
 
 class InputStatistics:

@@ -249,10 +249,11 @@ class DoPr(torch.optim.Optimizer):
                 "DoPr: no layer inputs were recorded before this step; run the forward pass in training mode "
                 "(model.train()) with gradients enabled, after building the optimizer"
             )
-        keys = list(moments)
-        peak = torch.stack([moments[k].peak() for k in keys])
-        if not torch.isfinite(peak).all():
-            bad = [k for k, v in zip(keys, peak.tolist()) if not math.isfinite(v)]
+        keys = list({id(m): k for k, m in moments.items()}.values())  # attention's q, k, v may share one
+        parts = [(k, t) for k in keys for t in moments[k].tensors()]
+        peak = torch.stack(torch._foreach_norm([t for _, t in parts]))
+        if not math.isfinite(peak.sum().item()):  # one reduction: a NaN or inf norm makes the sum non-finite
+            bad = sorted({k for (k, _), v in zip(parts, peak.tolist()) if not math.isfinite(v)})
             return self._nonfinite(f"the inputs of layer(s) {bad}")
         return moments
 
