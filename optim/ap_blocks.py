@@ -51,8 +51,8 @@ class APBlock:
     def homogeneous(self) -> bool:
         return self.bias is not None
 
-    def gradient(self) -> torch.Tensor | None:
-        """[g | g_b] as (out * taps, d [+1]); None when the weight has no gradient."""
+    def gradients(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(g as (out * taps, d), g_b repeated per tap or None); None when the weight has no gradient."""
         g = self.weight.grad
         if g is None:
             return None
@@ -63,22 +63,32 @@ class APBlock:
         else:
             g = g.reshape(out, -1)
         if self.bias is None:
-            return g
+            return g, None
         g_b = self.bias.grad
         g_b = torch.zeros(out, dtype=g.dtype, device=g.device) if g_b is None else g_b
         g_b = g_b if self.rows is None else g_b[self.rows]
-        return torch.cat([g, g_b.repeat_interleave(self.taps)[:, None]], dim=1)
+        return g, (g_b.repeat_interleave(self.taps) if self.taps > 1 else g_b)
+
+    def gradient(self) -> torch.Tensor | None:
+        """[g | g_b] as (out * taps, d [+1]); None when the weight has no gradient."""
+        parts = self.gradients()
+        if parts is None:
+            return None
+        g, g_b = parts
+        return g if g_b is None else torch.cat([g, g_b[:, None]], dim=1)
 
     def write(self, m: torch.Tensor, updates: dict[int, torch.Tensor]) -> None:
-        """Put M's weight and bias parts where the base optimizer reads them (updates[id(param)])."""
+        """Put M = [m_w | m_b]'s parts where the base optimizer reads them (updates[id(param)])."""
         d = m.shape[1] - self.homogeneous
-        m_w = m[:, :d]
+        self.write_parts(m[:, :d], m[:, d] if self.homogeneous else None, updates)
+
+    def write_parts(self, m_w: torch.Tensor, m_b: torch.Tensor | None, updates: dict[int, torch.Tensor]) -> None:
         if self.taps > 1:
             shape = self.weight.shape if self.rows is None else self.weight[self.rows].shape
-            m_w = m_w.reshape(shape[0], self.taps, d).transpose(1, 2).reshape(shape)
+            m_w = m_w.reshape(shape[0], self.taps, -1).transpose(1, 2).reshape(shape)
         self._put(self.weight, m_w, updates)
-        if self.bias is not None:
-            self._put(self.bias, m[:, d].reshape(-1, self.taps).sum(1), updates)
+        if m_b is not None:
+            self._put(self.bias, m_b if self.taps == 1 else m_b.reshape(-1, self.taps).sum(1), updates)
 
     def _put(self, param, value, updates) -> None:
         if self.rows is None:

@@ -49,6 +49,9 @@ def parse_args(argv):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the machine is shared)")
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda")
+    p.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                   help="cpu: this process's CPU time, which other jobs on a shared machine do not inflate (default "
+                        "on a CPU); wall: elapsed time (default on CUDA, where the work is not this process's CPU time)")
     p.add_argument("--optimizers", nargs="+", default=["adamw", "dopr-adamw", "muon", "dopr-muon"],
                    help="optimizers to compare (first one is the reference for the ratios): dopr.optim.build's "
                         "names with optional ':key=value' DoPr settings, or torch-adamw (torch.optim.AdamW at "
@@ -94,6 +97,8 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    use_cpu_clock = (args.clock or ("cpu" if device.type == "cpu" else "wall")) == "cpu"
+    clock = time.process_time if use_cpu_clock else time.perf_counter
     flags = {k: v for k, v in dict(damping=args.damping, damping_mode=args.damping_mode, stats=args.stats,
                                    stats_every=args.stats_every, precond_every=args.precond_every,
                                    conv=args.conv).items() if v is not None}
@@ -106,7 +111,7 @@ def main(argv=None) -> int:
             every = 1 if measured["stats"] == "same-batch" else measured["precond_every"]
             period = math.lcm(period, every, measured["stats_every"])
     steps = period * max(args.periods, math.ceil(args.min_steps / period))
-    print(f"device {device}, {args.threads} thread(s); DoPr defaults damping={defaults['damping']} "
+    print(f"device {device}, {args.threads} thread(s), {'CPU' if use_cpu_clock else 'wall'} time; DoPr defaults damping={defaults['damping']} "
           f"damping_mode={defaults['damping_mode']} stats={defaults['stats']} precond_every={defaults['precond_every']} "
           f"conv={defaults['conv']}; flags {flags or 'none'}; {steps} steps per timed block, median of "
           f"{args.repeats} interleaved rounds")
@@ -131,10 +136,10 @@ def main(argv=None) -> int:
                     base = torch.cuda.memory_allocated()
                     torch.cuda.reset_peak_memory_stats()
                 sync()
-                t0 = time.perf_counter()
+                t0 = clock()
                 _train(run["model"], run["opt"], make_loss, steps)
                 sync()
-                run["times"].append((time.perf_counter() - t0) / steps)
+                run["times"].append((clock() - t0) / steps)
                 run["peaks"].append(torch.cuda.max_memory_allocated() - base if device.type == "cuda"
                                     else _held_bytes(run["model"], run["opt"]))
         ref = args.optimizers[0]
@@ -203,15 +208,15 @@ def main(argv=None) -> int:
                     fwd_bwd, step_times = 0.0, 0.0
                     for _ in range(steps):
                         sync()
-                        t0 = time.perf_counter()
+                        t0 = clock()
                         opt.zero_grad()
                         layer(xw).square().mean().backward()  # with DoPr's hooks where they record
                         sync()
-                        t1 = time.perf_counter()
+                        t1 = clock()
                         opt.step()
                         sync()
                         fwd_bwd += t1 - t0
-                        step_times += time.perf_counter() - t1
+                        step_times += clock() - t1
                     blocks.append((fwd_bwd / steps, step_times / steps))
                 fb[name] = 1e3 * statistics.median(x[0] for x in blocks[1:])
                 opt_ms[name] = 1e3 * statistics.median(x[1] for x in blocks[1:])

@@ -313,20 +313,20 @@ class DoPr(torch.optim.Optimizer):
         primal: list[tuple[APBlock, torch.Tensor, torch.Tensor]] = []
         sigma_of: dict[tuple, torch.Tensor] = {}  # one Sigma per (moments, homogeneous): shared inputs factor once
         for b in self.blocks:
-            m, g = moments.get(b.stats_key), b.gradient()
-            if g is None:
+            m, parts = moments.get(b.stats_key), b.gradients()
+            if parts is None:
                 continue
             if m is None:
                 self._warn_unseen(b)
                 continue
-            d = g.shape[1]
+            (g, g_b), d = parts, parts[0].shape[1] + b.homogeneous
             if m.rows and dual_flops(m.n, d, g.shape[0]) < primal_flops(m.n, d, g.shape[0]):
-                b.write(precondition_dual(b.name, g, m.matrix(b.homogeneous), self._damping), updates)
+                b.write_parts(*precondition_dual(b.name, g, g_b, m.matrix(False), self._damping), updates)
                 continue
             key = (id(m), b.homogeneous)
             if key not in sigma_of:
                 sigma_of[key] = m.sigma(b.homogeneous)
-            primal.append((b, g, sigma_of[key]))
+            primal.append((b, g if g_b is None else torch.cat([g, g_b[:, None]], dim=1), sigma_of[key]))
         if primal:
             ms = precondition_same_batch([b.name for b, _, _ in primal], [g for _, g, _ in primal],
                                          [s for _, _, s in primal], self._damping)

@@ -171,19 +171,28 @@ def precondition_same_batch(names: list[str], grads: list[torch.Tensor], sigmas:
     return out
 
 
-def precondition_dual(name: str, g: torch.Tensor, z: torch.Tensor, damping: Damping) -> torch.Tensor:
-    """M = g (Z^T Z / n + delta I)^-1 through the n x n system of Woodbury's identity (see the module docstring)."""
+def precondition_dual(name: str, g: torch.Tensor, g_b: torch.Tensor | None, z: torch.Tensor,
+                      damping: Damping) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[m_w | m_b] = [g | g_b] (Z~^T Z~ / n + delta I)^-1 through the n x n system of Woodbury's identity (see the
+    module docstring), Z~ = [Z | 1] when there is a bias; the ones column is never formed."""
     n, d = z.shape
     kernel = z @ z.T
-    trace = kernel.diagonal().sum() / n  # tr(Sigma)
-    delta = damping.delta(trace, d)
+    if g_b is not None:
+        kernel += 1.0  # Z~ Z~^T = Z Z^T + 1 1^T
+    trace = kernel.diagonal().sum() / n  # tr(Sigma~)
+    delta = damping.delta(trace, d + (g_b is not None))
     dtype = torch.float64 if (trace + delta) / delta > MAX_COND_FOR_FLOAT32 else torch.float32
     if dtype != kernel.dtype:
         kernel, z, trace, delta = kernel.to(dtype), z.to(dtype), trace.to(dtype), delta.to(dtype)
     g = g.to(dtype)
     kernel.diagonal().add_(n * delta)
     chol, info = torch.linalg.cholesky_ex(kernel)
-    if info != 0:  # indefinite by rounding: the same jitter as the primal form, in units of n
+    if info != 0:  # indefinite by rounding: the same jitter as the d x d form, in units of n
         chol, _ = _cholesky_with_jitter(name, kernel - n * delta * torch.eye(n, dtype=dtype), n * delta, trace * n)
-    coef = torch.cholesky_solve((g @ z.T).T, chol)  # (n, rows) = (n delta I + Z Z^T)^-1 Z g^T
-    return torch.addmm(g, coef.T, z, alpha=-1).div_(delta)
+    p = g @ z.T  # (rows, n) = G~ Z~^T
+    if g_b is not None:
+        p += g_b.to(dtype)[:, None]
+    coef = torch.cholesky_solve(p.T, chol)  # (n, rows) = (n delta I + Z~ Z~^T)^-1 Z~ G~^T
+    m_w = torch.addmm(g, coef.T, z, alpha=-1).div_(delta)
+    m_b = None if g_b is None else (g_b.to(dtype) - coef.sum(0)).div_(delta)
+    return m_w, m_b
