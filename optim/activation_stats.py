@@ -106,6 +106,7 @@ class InputMoments:
         self.z: torch.Tensor | None = None
         self.n = 0.0
         self.rows: list[torch.Tensor] = []
+        self.deltas: list[torch.Tensor | None] = []  # the output gradients of the kept rows, where recorded
 
     @property
     def dim(self) -> int:
@@ -117,6 +118,7 @@ class InputMoments:
             self.n += z.shape[0]
             return
         self.fold()
+        self.deltas = []
         zw = z if weights is None else z * weights[:, None]
         if self.zz is None:  # the first sum of this step: no zero-filled accumulator to add to
             self.zz, self.z = zw.T @ z, zw.sum(0)
@@ -133,6 +135,17 @@ class InputMoments:
         self.rows, self.n = [], self.n - z.shape[0]
         self.keep_rows = 0
         self.add(z)
+
+    def keep_delta(self, index: int, grad: torch.Tensor) -> None:
+        """A backward hook on the output of the call that recorded rows[index]."""
+        if index < len(self.deltas):
+            self.deltas[index] = grad.detach().reshape(-1, grad.shape[-1]).float()
+
+    def delta_matrix(self) -> torch.Tensor | None:
+        """The output gradients of all kept rows as one (n, out) matrix; None if any is missing."""
+        if not self.rows or len(self.deltas) != len(self.rows) or any(d is None for d in self.deltas):
+            return None
+        return torch.cat(self.deltas) if len(self.deltas) > 1 else self.deltas[0]
 
     def matrix(self, homogeneous: bool) -> torch.Tensor:
         """The kept rows as one (n, d [+1]) matrix, with a column of ones when `homogeneous`."""
@@ -221,7 +234,12 @@ class InputStatistics:
                         seen[id(z)] = self._add(f"{name}:{part}", z)
                 return
             x = (args[0] if args else kwargs["input"]).detach().float()
-            if isinstance(module, nn.Linear) or self.conv == "patch":
+            if isinstance(module, nn.Linear):
+                acc = self._add(name, layer_inputs(module, x))
+                if acc.rows and output.requires_grad:  # this call's rows were kept: keep its output gradient too
+                    acc.deltas.append(None)
+                    output.register_hook(partial(_keep_delta_if_alive, weakref.ref(acc), len(acc.rows) - 1))
+            elif self.conv == "patch":
                 self._add(name, layer_inputs(module, x))
             else:
                 self._add(name, *channel_inputs(module, x))
@@ -245,6 +263,12 @@ def _call_if_alive(ref, name, module, args, kwargs, output):
     stats = ref()
     if stats is not None:
         stats._record(name, module, args, kwargs, output)
+
+
+def _keep_delta_if_alive(ref, index, grad):
+    acc = ref()
+    if acc is not None:
+        acc.keep_delta(index, grad)
 
 
 def _remove_handles(handles: list) -> None:

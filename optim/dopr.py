@@ -26,8 +26,8 @@ from .activation_stats import InputMoments, InputStatistics
 from .ap_blocks import APBlock, find_blocks
 from .base_updates import adamuon_update, adamw_update, muon_update, sgd_update, signum_update
 from .names import BASES, CONV_FORMS, DAMPING_MODES, STAT_MODES
-from .preconditioner import (Damping, Factor, dual_flops, factorize, precondition,
-                             precondition_dual, precondition_same_batch, primal_flops)
+from .preconditioner import (Damping, Factor, dual_flops, factorize, gradient_scale, precondition,
+                             precondition_dual, precondition_dual_outputs, precondition_same_batch, primal_flops)
 
 MATRIX_BASES = ("muon", "adamuon")  # update AP weights as matrices, everything else with AdamW
 DEFAULT_MOMENTUM = {"muon": 0.95, "adamuon": 0.95, "signum": 0.9}
@@ -320,8 +320,15 @@ class DoPr(torch.optim.Optimizer):
                 self._warn_unseen(b)
                 continue
             (g, g_b), d = parts, parts[0].shape[1] + b.homogeneous
-            if m.rows and dual_flops(m.n, d, g.shape[0]) < primal_flops(m.n, d, g.shape[0]):
-                b.write_parts(*precondition_dual(b.name, g, g_b, m.matrix(False), self._damping), updates)
+            outputs = m.delta_matrix() if b.rows is None else None
+            if m.rows and dual_flops(m.n, d, g.shape[0], outputs is not None) < primal_flops(m.n, d, g.shape[0]):
+                z = m.matrix(False)
+                scale = None if outputs is None else gradient_scale(g, g_b, outputs, z)
+                if scale is not None:
+                    m_w, m_b = precondition_dual_outputs(b.name, outputs, scale, z, b.homogeneous, self._damping)
+                else:
+                    m_w, m_b = precondition_dual(b.name, g, g_b, z, self._damping)
+                b.write_parts(m_w, m_b, updates)
                 continue
             key = (id(m), b.homogeneous)
             if key not in sigma_of:

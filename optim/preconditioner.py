@@ -138,9 +138,9 @@ def primal_flops(n: float, d: int, rows: int) -> float:
     return 2 * n * d * d + d**3 / 3 + 2 * rows * d * d
 
 
-def dual_flops(n: float, d: int, rows: int) -> float:
-    """Z Z^T, its Cholesky factor, g Z^T, a solve, and the product with Z."""
-    return 2 * n * n * d + n**3 / 3 + 4 * rows * n * d + 2 * rows * n * n
+def dual_flops(n: float, d: int, rows: int, outputs: bool = False) -> float:
+    """Z Z^T, its Cholesky factor, g Z^T (unless the output gradients are known), a solve, the product with Z."""
+    return 2 * n * n * d + n**3 / 3 + (2 if outputs else 4) * rows * n * d + 2 * rows * n * n
 
 
 def precondition_same_batch(names: list[str], grads: list[torch.Tensor], sigmas: list[torch.Tensor],
@@ -171,28 +171,58 @@ def precondition_same_batch(names: list[str], grads: list[torch.Tensor], sigmas:
     return out
 
 
-def precondition_dual(name: str, g: torch.Tensor, g_b: torch.Tensor | None, z: torch.Tensor,
-                      damping: Damping) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[m_w | m_b] = [g | g_b] (Z~^T Z~ / n + delta I)^-1 through the n x n system of Woodbury's identity (see the
-    module docstring), Z~ = [Z | 1] when there is a bias; the ones column is never formed."""
+def _dual_factor(name: str, z: torch.Tensor, homogeneous: bool, damping: Damping):
+    """The Cholesky factor of S = Z~ Z~^T + n delta I (Z~ = [Z | 1] with a bias, never formed), delta, and Z in
+    the dtype the condition bound asks for."""
     n, d = z.shape
     kernel = z @ z.T
-    if g_b is not None:
+    if homogeneous:
         kernel += 1.0  # Z~ Z~^T = Z Z^T + 1 1^T
     trace = kernel.diagonal().sum() / n  # tr(Sigma~)
-    delta = damping.delta(trace, d + (g_b is not None))
+    delta = damping.delta(trace, d + homogeneous)
     dtype = torch.float64 if (trace + delta) / delta > MAX_COND_FOR_FLOAT32 else torch.float32
     if dtype != kernel.dtype:
         kernel, z, trace, delta = kernel.to(dtype), z.to(dtype), trace.to(dtype), delta.to(dtype)
-    g = g.to(dtype)
     kernel.diagonal().add_(n * delta)
     chol, info = torch.linalg.cholesky_ex(kernel)
     if info != 0:  # indefinite by rounding: the same jitter as the d x d form, in units of n
         chol, _ = _cholesky_with_jitter(name, kernel - n * delta * torch.eye(n, dtype=dtype), n * delta, trace * n)
+    return chol, delta, z
+
+
+def precondition_dual(name: str, g: torch.Tensor, g_b: torch.Tensor | None, z: torch.Tensor,
+                      damping: Damping) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[m_w | m_b] = [g | g_b] (Z~^T Z~ / n + delta I)^-1 = (G~ - (G~ Z~^T) S^-1 Z~) / delta (Woodbury), for any g."""
+    chol, delta, z = _dual_factor(name, z, g_b is not None, damping)
+    g = g.to(z.dtype)
     p = g @ z.T  # (rows, n) = G~ Z~^T
     if g_b is not None:
-        p += g_b.to(dtype)[:, None]
-    coef = torch.cholesky_solve(p.T, chol)  # (n, rows) = (n delta I + Z~ Z~^T)^-1 Z~ G~^T
+        p += g_b.to(z.dtype)[:, None]
+    coef = torch.cholesky_solve(p.T, chol)  # (n, rows) = S^-1 Z~ G~^T
     m_w = torch.addmm(g, coef.T, z, alpha=-1).div_(delta)
-    m_b = None if g_b is None else (g_b.to(dtype) - coef.sum(0)).div_(delta)
+    m_b = None if g_b is None else (g_b.to(z.dtype) - coef.sum(0)).div_(delta)
     return m_w, m_b
+
+
+def precondition_dual_outputs(name: str, outputs: torch.Tensor, scale: float, z: torch.Tensor, homogeneous: bool,
+                              damping: Damping) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The same M for g = scale * Delta^T Z~ (Delta = `outputs`, the layer's output gradients, (n, rows)), with one
+    product of the layer's size instead of two: M~ = scale * n * (S^-1 Delta)^T Z~ (push-through identity)."""
+    n = z.shape[0]
+    chol, _, z = _dual_factor(name, z, homogeneous, damping)
+    w = torch.cholesky_solve(outputs.to(z.dtype), chol).mul_(scale * n)  # (n, rows)
+    return w.T @ z, (w.sum(0) if homogeneous else None)
+
+
+def gradient_scale(g: torch.Tensor, g_b: torch.Tensor | None, outputs: torch.Tensor, z: torch.Tensor) -> float | None:
+    """c with [g | g_b] = c Delta^T [Z | 1], or None. Gradient clipping scales every gradient alike (c < 1); weight
+    tying, penalties on the weights or a module whose output gradient was not seen break the form. Checked on one
+    fixed probe vector v (g v against Delta^T (Z v): a read of g, no product of its size) and on the bias exactly."""
+    v = torch.cos(torch.arange(g.shape[1], device=g.device, dtype=g.dtype) * 0.7548776662466927)
+    gv, dv = g @ v, outputs.T @ (z @ v)
+    pairs = [(gv, dv)] + ([] if g_b is None else [(g_b, outputs.sum(0))])
+    c = float(gv @ dv) / max(float(dv @ dv), 1e-30)
+    tol = 1e-4
+    if all(float((a - c * b).norm()) <= tol * float(a.norm()) + 1e-30 for a, b in pairs):
+        return c
+    return None

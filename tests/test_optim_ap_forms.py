@@ -43,6 +43,14 @@ def close(actual, expected, rtol=2e-4):
 
 
 # ---------------------------------------------------------------- same-batch Linear: d x d and n x n forms
+def spy_dual_forms(monkeypatch) -> list[str]:
+    calls = []
+    for name, tag in (("precondition_dual", "gradient"), ("precondition_dual_outputs", "outputs")):
+        real = getattr(dopr_module, name)
+        monkeypatch.setattr(dopr_module, name, lambda *a, real=real, tag=tag: calls.append(tag) or real(*a))
+    return calls
+
+
 @pytest.mark.parametrize("mode", ["trace", "mean_eig"])
 @pytest.mark.parametrize("d_in,rows", [(6, 40), (48, 10)])  # narrower than the batch (solve), wider (Woodbury)
 def test_same_batch_linear_matches_closed_form(d_in, rows, mode, monkeypatch):
@@ -50,16 +58,15 @@ def test_same_batch_linear_matches_closed_form(d_in, rows, mode, monkeypatch):
     layer = nn.Linear(d_in, 5)
     x = torch.randn(rows, d_in) * torch.linspace(0.2, 3, d_in)
     target = torch.randn(rows, 5)
-    dual_calls = []
-    real_dual = dopr_module.precondition_dual
-    monkeypatch.setattr(dopr_module, "precondition_dual", lambda *a: dual_calls.append(1) or real_dual(*a))
+    dual_calls = spy_dual_forms(monkeypatch)
     ref = copy.deepcopy(layer).double()
     gamma = 1e-2 if mode == "trace" else 0.5  # both bound the condition number by ~100 at d = 49
     opt = DoPr(layer, lr=1.0, base="sgd", weight_decay=0.0, damping=gamma, damping_mode=mode, damping_floor=0.0,
                stats="same-batch")
     halves = (slice(0, rows // 2), slice(rows // 2, None))  # two accumulated micro-batches: one Sigma
     update = sgd_step_update(layer, opt, lambda i: ((layer(x[halves[i]]) - target[halves[i]]) ** 2).sum(), 2)
-    assert bool(dual_calls) == (d_in + 1 > rows)
+    # wider than the batch: the n x n form, with the recorded output gradients (one product instead of two)
+    assert dual_calls == (["outputs"] if d_in + 1 > rows else [])
 
     ((ref(x.double()) - target.double()) ** 2).sum().backward()
     z = with_ones(x.double())
@@ -68,23 +75,28 @@ def test_same_batch_linear_matches_closed_form(d_in, rows, mode, monkeypatch):
     close(torch.cat([update["weight"], update["bias"][:, None]], dim=1), expected)
 
 
-def test_same_batch_uses_each_steps_own_batch_and_a_clipped_gradient_as_it_is():
-    """Step 2's update uses step 2's Sigma (not step 1's), and the Woodbury form preconditions the clipped
-    gradient (a multiple of Delta^T Z, not Delta^T Z itself)."""
+@pytest.mark.parametrize("penalty", [0.0, 0.3])
+def test_same_batch_uses_each_steps_own_batch_and_the_gradient_as_it_is(penalty, monkeypatch):
+    """Step 2's update uses step 2's Sigma (not step 1's); the n x n form preconditions the clipped gradient
+    (c Delta^T Z: the output-gradient form with the scale c) and a gradient with a weight penalty added (not of
+    that form: the general Woodbury form)."""
     torch.manual_seed(0)
-    layer = nn.Linear(30, 4, bias=False)
+    layer = nn.Linear(30, 4)
     opt = DoPr(layer, lr=1.0, base="sgd", weight_decay=0.0, damping=1e-2, stats="same-batch")
+    dual_calls = spy_dual_forms(monkeypatch)
     xs = [torch.randn(8, 30), torch.randn(8, 30) * torch.linspace(0.1, 4, 30)]
     for x in xs:
-        before = layer.weight.detach().clone()
+        before = torch.cat([layer.weight, layer.bias[:, None]], dim=1).detach().clone()
         opt.zero_grad()
-        layer(x).square().sum().backward()
-        g = layer.weight.grad.double().clone()
+        (layer(x).square().sum() + penalty * layer.weight.square().sum()).backward()
+        g = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], dim=1).double()
         torch.nn.utils.clip_grad_norm_(layer.parameters(), 0.5)
         opt.step()
-        z = x.double()
+        z = with_ones(x.double())
         expected = (g * 0.5 / g.norm()) @ damped_inverse(z.T @ z / 8, 1e-2, "trace")
-        close((before - layer.weight.detach()).double(), expected)
+        after = torch.cat([layer.weight, layer.bias[:, None]], dim=1).detach()
+        close((before - after).double(), expected)
+    assert dual_calls == ["gradient" if penalty else "outputs"] * 2
 
 
 def test_mean_eig_damping_means_the_same_at_every_width():
