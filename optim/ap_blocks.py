@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import fnmatch
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -46,36 +46,53 @@ class APBlock:
     rows: slice | None = None  # the rows of weight (and bias) this block owns; None: all
     taps: int = 1  # the channel form: kernel taps that share one channel covariance
     state_suffix: str = ""  # this block's factors live in state[weight]["ap_inverse" + suffix]
+    # Per-step temporaries of the weight's size, kept between steps: a fresh multi-MB tensor every step costs
+    # page faults (the allocator returns freed memory to the OS); 2x the step's copies on the CPU UNet.
+    workspace: dict = field(default_factory=dict, repr=False)
 
     @property
     def homogeneous(self) -> bool:
         return self.bias is not None
 
-    def gradients(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-        """(g as (out * taps, d), g_b repeated per tap or None); None when the weight has no gradient."""
+    def buffer(self, key: str, shape, like: torch.Tensor) -> torch.Tensor:
+        buf = self.workspace.get(key)
+        if buf is None or buf.shape != torch.Size(shape) or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.workspace[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
+
+    def _grads(self):
         g = self.weight.grad
         if g is None:
-            return None
-        g = g if self.rows is None else g[self.rows]
-        out = g.shape[0]
-        if self.taps > 1:  # (out, C, *k) -> one row per (output channel, tap)
-            g = g.reshape(out, g.shape[1], self.taps).transpose(1, 2).reshape(out * self.taps, -1)
-        else:
-            g = g.reshape(out, -1)
-        if self.bias is None:
-            return g, None
-        g_b = self.bias.grad
-        g_b = torch.zeros(out, dtype=g.dtype, device=g.device) if g_b is None else g_b
-        g_b = g_b if self.rows is None else g_b[self.rows]
-        return g, (g_b.repeat_interleave(self.taps) if self.taps > 1 else g_b)
+            return None, None
+        g_b = None
+        if self.bias is not None:
+            g_b = self.bias.grad if self.bias.grad is not None else torch.zeros(self.bias.shape, dtype=g.dtype,
+                                                                                 device=g.device)
+        if self.rows is not None:
+            g, g_b = g[self.rows], (None if g_b is None else g_b[self.rows])
+        return g, g_b
+
+    def gradients(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """(g as (out, d), g_b or None) of a block with one tap (no copies); None when the weight has no gradient."""
+        assert self.taps == 1
+        g, g_b = self._grads()
+        return None if g is None else (g.reshape(g.shape[0], -1), g_b)
 
     def gradient(self) -> torch.Tensor | None:
-        """[g | g_b] as (out * taps, d [+1]); None when the weight has no gradient."""
-        parts = self.gradients()
-        if parts is None:
+        """[g | g_b] as (out * taps, d [+1]), one row per (output channel, tap); None when the weight has no
+        gradient. One pass over the gradient into a kept buffer."""
+        g, g_b = self._grads()
+        if g is None:
             return None
-        g, g_b = parts
-        return g if g_b is None else torch.cat([g, g_b[:, None]], dim=1)
+        out = g.shape[0]
+        if self.taps == 1 and g_b is None:
+            return g.reshape(out, -1)
+        d = g[0].numel() // self.taps
+        full = self.buffer("g~", (out * self.taps, d + self.homogeneous), g)
+        full[:, :d].view(out, self.taps, d).copy_(g.reshape(out, d, self.taps).transpose(1, 2))
+        if g_b is not None:
+            full[:, d].view(out, self.taps).copy_(g_b[:, None].expand(out, self.taps))
+        return full
 
     def write(self, m: torch.Tensor, updates: dict[int, torch.Tensor]) -> None:
         """Put M = [m_w | m_b]'s parts where the base optimizer reads them (updates[id(param)])."""
@@ -85,7 +102,9 @@ class APBlock:
     def write_parts(self, m_w: torch.Tensor, m_b: torch.Tensor | None, updates: dict[int, torch.Tensor]) -> None:
         if self.taps > 1:
             shape = self.weight.shape if self.rows is None else self.weight[self.rows].shape
-            m_w = m_w.reshape(shape[0], self.taps, -1).transpose(1, 2).reshape(shape)
+            back = self.buffer("m_w", shape, m_w)
+            back.view(shape[0], -1, self.taps).copy_(m_w.reshape(shape[0], self.taps, -1).transpose(1, 2))
+            m_w = back
         self._put(self.weight, m_w, updates)
         if m_b is not None:
             self._put(self.bias, m_b if self.taps == 1 else m_b.reshape(-1, self.taps).sum(1), updates)

@@ -313,14 +313,15 @@ class DoPr(torch.optim.Optimizer):
         primal: list[tuple[APBlock, torch.Tensor, torch.Tensor]] = []
         sigma_of: dict[tuple, torch.Tensor] = {}  # one Sigma per (moments, homogeneous): shared inputs factor once
         for b in self.blocks:
-            m, parts = moments.get(b.stats_key), b.gradients()
-            if parts is None:
+            m = moments.get(b.stats_key)
+            if b.weight.grad is None:
                 continue
             if m is None:
                 self._warn_unseen(b)
                 continue
-            (g, g_b), d = parts, parts[0].shape[1] + b.homogeneous
-            outputs = m.delta_matrix() if b.rows is None else None
+            if m.rows:  # a Linear-type block whose batch may be smaller than its width
+                g, g_b = b.gradients()
+                d, outputs = g.shape[1] + b.homogeneous, m.delta_matrix() if b.rows is None else None
             if m.rows and dual_flops(m.n, d, g.shape[0], outputs is not None) < primal_flops(m.n, d, g.shape[0]):
                 z = m.matrix(False)
                 scale = None if outputs is None else gradient_scale(g, g_b, outputs, z)
@@ -333,7 +334,7 @@ class DoPr(torch.optim.Optimizer):
             key = (id(m), b.homogeneous)
             if key not in sigma_of:
                 sigma_of[key] = m.sigma(b.homogeneous)
-            primal.append((b, g if g_b is None else torch.cat([g, g_b[:, None]], dim=1), sigma_of[key]))
+            primal.append((b, b.gradient(), sigma_of[key]))
         if primal:
             ms = precondition_same_batch([b.name for b, _, _ in primal], [g for _, g, _ in primal],
                                          [s for _, _, s in primal], self._damping)
@@ -379,7 +380,7 @@ class DoPr(torch.optim.Optimizer):
             if g is None:
                 continue
             factor = Factor(None if inverse is None else self._casts[b.name](inverse, g.dtype), cholesky)
-            b.write(precondition(g, factor), updates)
+            b.write(precondition(g, factor, out=b.buffer("m", g.shape, g)), updates)
         return updates
 
     def _apply_base(self, updates: dict[int, torch.Tensor]) -> None:

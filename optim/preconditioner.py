@@ -123,13 +123,13 @@ def _cholesky_with_jitter(name, sig, delta, trace):
     )
 
 
-def precondition(g: torch.Tensor, factor: Factor) -> torch.Tensor:
-    """M = g A^-1 for g = [g_w | g_b] (rows, d) from a stored factor.
+def precondition(g: torch.Tensor, factor: Factor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """M = g A^-1 for g = [g_w | g_b] (rows, d) from a stored factor (into `out`, where given).
 
     `factor.inverse` must already have g's dtype (the optimizer casts it once per refresh, not per step).
     """
     if factor.inverse is not None:
-        return g @ factor.inverse
+        return torch.mm(g, factor.inverse, out=out)
     return torch.cholesky_solve(g.T.to(torch.float64), factor.cholesky).T.to(g.dtype)
 
 
