@@ -329,7 +329,7 @@ class DoPr(torch.optim.Optimizer):
                     m_w, m_b = precondition_dual_outputs(b.name, outputs, scale, z, b.homogeneous, self._damping)
                 else:
                     m_w, m_b = precondition_dual(b.name, g, g_b, z, self._damping)
-                b.write_parts(m_w, m_b, updates)
+                b.write_parts(m_w.to(g.dtype), None if m_b is None else m_b.to(g.dtype), updates)
                 continue
             key = (id(m), b.homogeneous)
             if key not in sigma_of:
