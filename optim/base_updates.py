@@ -116,7 +116,8 @@ def muon_update(params, grads, states, lr, momentum, nesterov, weight_decay, ns_
 
 
 def signum_update(params, grads, states, lr, momentum, weight_decay) -> None:
-    """Signum (Bernstein et al. 2018, signSGD with momentum): m <- b m + (1-b) g, theta <- (1 - lr wd) theta - lr sign(m)."""
+    """Signum (Bernstein et al. 2018, signSGD with momentum):
+    m <- b m + (1-b) g, theta <- (1 - lr wd) theta - lr sign(m)."""
     for p, g, s in zip(params, grads, states):
         if "momentum_buffer" not in s:
             s["momentum_buffer"] = torch.zeros_like(g)

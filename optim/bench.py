@@ -51,7 +51,8 @@ def parse_args(argv):
     p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="cpu or cuda")
     p.add_argument("--clock", choices=["cpu", "wall"], default=None,
                    help="cpu: this process's CPU time, which other jobs on a shared machine do not inflate (default "
-                        "on a CPU); wall: elapsed time (default on CUDA, where the work is not this process's CPU time)")
+                        "on a CPU); wall: elapsed time (default on CUDA, where the work is not this process's "
+                        "CPU time)")
     p.add_argument("--optimizers", nargs="+", default=["adamw", "dopr-adamw", "muon", "dopr-muon"],
                    help="optimizers to compare (first one is the reference for the ratios): dopr.optim.build's "
                         "names with optional ':key=value' DoPr settings, or torch-adamw (torch.optim.AdamW at "
@@ -111,8 +112,9 @@ def main(argv=None) -> int:
             every = 1 if measured["stats"] == "same-batch" else measured["precond_every"]
             period = math.lcm(period, every, measured["stats_every"])
     steps = period * max(args.periods, math.ceil(args.min_steps / period))
-    print(f"device {device}, {args.threads} thread(s), {'CPU' if use_cpu_clock else 'wall'} time; DoPr defaults damping={defaults['damping']} "
-          f"damping_mode={defaults['damping_mode']} stats={defaults['stats']} precond_every={defaults['precond_every']} "
+    print(f"device {device}, {args.threads} thread(s), {'CPU' if use_cpu_clock else 'wall'} time; DoPr defaults "
+          f"damping={defaults['damping']} damping_mode={defaults['damping_mode']} stats={defaults['stats']} "
+          f"precond_every={defaults['precond_every']} "
           f"conv={defaults['conv']}; flags {flags or 'none'}; {steps} steps per timed block, median of "
           f"{args.repeats} interleaved rounds")
 

@@ -221,7 +221,8 @@ def test_zero_inputs_stay_finite():
 @pytest.mark.parametrize("name,kw", [("dopr-adamw", dict(stats="ema", precond_every=3)),
                                      ("dopr-muon", dict(stats="batch", precond_every=4, damping=1e-8)),
                                      ("dopr-adamuon", dict(stats="ema", precond_every=3, conv="channel")),
-                                     ("dopr-signum", dict(stats="same-batch", conv="channel", damping_mode="mean_eig"))])
+                                     ("dopr-signum", dict(stats="same-batch", conv="channel",
+                                                          damping_mode="mean_eig"))])
 def test_state_dict_round_trip_is_bit_identical(tmp_path, name, kw):
     data = batches(20, (8, 3, 8), 2)
     full = ConvNet()
