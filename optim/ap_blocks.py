@@ -43,7 +43,7 @@ class APBlock:
     module: nn.Module
     weight: nn.Parameter
     bias: nn.Parameter | None
-    rows: slice | None = None  # the rows of weight (and bias) this block owns; None: all
+    part: slice | None = None  # the output rows of weight (and bias) this block owns; None: all
     taps: int = 1  # the channel form: kernel taps that share one channel covariance
     state_suffix: str = ""  # this block's factors live in state[weight]["ap_inverse" + suffix]
     # Per-step temporaries of the weight's size, kept between steps: a fresh multi-MB tensor every step costs
@@ -68,8 +68,8 @@ class APBlock:
         if self.bias is not None:
             g_b = self.bias.grad if self.bias.grad is not None else torch.zeros(self.bias.shape, dtype=g.dtype,
                                                                                  device=g.device)
-        if self.rows is not None:
-            g, g_b = g[self.rows], (None if g_b is None else g_b[self.rows])
+        if self.part is not None:
+            g, g_b = g[self.part], (None if g_b is None else g_b[self.part])
         return g, g_b
 
     def gradients(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -101,7 +101,7 @@ class APBlock:
 
     def write_parts(self, m_w: torch.Tensor, m_b: torch.Tensor | None, updates: dict[int, torch.Tensor]) -> None:
         if self.taps > 1:
-            shape = self.weight.shape if self.rows is None else self.weight[self.rows].shape
+            shape = self.weight.shape if self.part is None else self.weight[self.part].shape
             back = self.buffer("m_w", shape, m_w)
             back.view(shape[0], -1, self.taps).copy_(m_w.reshape(shape[0], self.taps, -1).transpose(1, 2))
             m_w = back
@@ -110,12 +110,12 @@ class APBlock:
             self._put(self.bias, m_b if self.taps == 1 else m_b.reshape(-1, self.taps).sum(1), updates)
 
     def _put(self, param, value, updates) -> None:
-        if self.rows is None:
+        if self.part is None:
             updates[id(param)] = value.reshape(param.shape)
             return
         if id(param) not in updates:  # rows no block owns keep their gradient
             updates[id(param)] = param.grad.clone() if param.grad is not None else torch.zeros_like(param)
-        updates[id(param)][self.rows] = value.reshape(updates[id(param)][self.rows].shape)
+        updates[id(param)][self.part] = value.reshape(updates[id(param)][self.part].shape)
 
 
 def _is_excluded(exclude, name: str, module: nn.Module) -> bool:
@@ -146,7 +146,7 @@ def find_blocks(model: nn.Module, exclude=(), conv: str = "channel") -> tuple[li
         else:
             found = _layer_blocks(name, module, conv)
         found = [b for b in found if b.weight.requires_grad and id(b.weight) not in seen]
-        seen.update(id(b.weight) for b in found if b.rows is None)
+        seen.update(id(b.weight) for b in found if b.part is None)
         if found:
             blocks += found
             hooked[name] = module

@@ -321,7 +321,7 @@ class DoPr(torch.optim.Optimizer):
                 continue
             if m.rows:  # a Linear-type block whose batch may be smaller than its width
                 g, g_b = b.gradients()
-                d, outputs = g.shape[1] + b.homogeneous, m.delta_matrix() if b.rows is None else None
+                d, outputs = g.shape[1] + b.homogeneous, m.delta_matrix() if b.part is None else None
             if m.rows and dual_flops(m.n, d, g.shape[0], outputs is not None) < primal_flops(m.n, d, g.shape[0]):
                 z = m.matrix(False)
                 scale = None if outputs is None else gradient_scale(g, g_b, outputs, z)
