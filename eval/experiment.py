@@ -2,7 +2,8 @@
 
 Each entry of --optims is a configuration being compared: an optimizer, optionally with its own settings
 after colons, e.g. `adamw:lr=1e-3,dopr-adamw:lr=1e-3,dopr-adamw:lr=1e-3:damping=0.3:stats=ema`
-(lr, damping, stats, precond_every; a configuration's settings override the flags of the same name). DoPr
+(lr, weight_decay, damping, damping_mode, stats, precond_every, conv; a configuration's settings override the
+flags of the same name). DoPr
 configurations are compared, paired, with that of their base optimizer at the same lr (else its first one).
 
 Everything it makes lives under one folder (default out/experiment):
@@ -24,9 +25,11 @@ import typing
 from dataclasses import asdict, dataclass, field, fields
 
 from dopr.options import option, reuse
-from dopr.train.config import OPTIMIZERS, TrainConfig
+from dopr.train.config import CONV_FORMS, DAMPING_MODES, OPTIMIZERS, STAT_MODES, TrainConfig
 
-SETTINGS = ("lr", "damping", "stats", "precond_every")  # what a configuration may set after its optimizer's name
+# what a configuration may set after its optimizer's name; all but the first two are DoPr's
+SETTINGS = ("lr", "weight_decay", "damping", "damping_mode", "stats", "precond_every", "conv")
+ANY_OPTIMIZER_SETTINGS = {"lr", "weight_decay"}
 
 
 @dataclass
@@ -37,8 +40,9 @@ class ExperimentConfig:
     policies: list[str] = option(help="comma-separated policy kinds (default %(default)s)",
                                  default_factory=lambda: ["mlp"])
     optims: list[str] = option(
-        help="configurations: optimizer names, each optionally with ':KEY=VALUE' settings (lr, damping, stats, "
-             "precond_every) (default %(default)s)", default_factory=lambda: ["dopr-adamw", "adamw"])
+        help="configurations: optimizer names, each optionally with ':KEY=VALUE' settings (lr, weight_decay, "
+             "damping, damping_mode, stats, precond_every, conv) (default %(default)s)",
+        default_factory=lambda: ["dopr-adamw", "adamw"])
     seeds: int = option(3, "training seeds per cell, seed_offset .. seed_offset + seeds - 1 (default %(default)s)")
     seed_offset: int = option(0, "first training seed (keep tuning seeds apart from reporting seeds)")
     demos: int = option(20, "demonstrations per task (default %(default)s)")
@@ -54,9 +58,12 @@ class ExperimentConfig:
         20, "rollouts from demonstration start states for the compounding-error curve, 0 = none (default %(default)s)")
     workers: int = option(2, "simulator worker processes for collection and evaluation (default %(default)s)")
     lr: float | None = reuse(TrainConfig, "lr")
+    weight_decay: float = reuse(TrainConfig, "weight_decay")
     damping: float | None = reuse(TrainConfig, "damping")
+    damping_mode: str | None = reuse(TrainConfig, "damping_mode")
     stats: str | None = reuse(TrainConfig, "stats")
     precond_every: int | None = reuse(TrainConfig, "precond_every")
+    conv: str | None = reuse(TrainConfig, "conv")
     batch_size: int = reuse(TrainConfig, "batch_size")
     down_dims: list[int] = reuse(TrainConfig, "down_dims")  # 32,64,128 trains in reasonable time on a CPU
     # torch threads per training process. One: the simulator workers and other jobs share the cores, and an
@@ -94,7 +101,8 @@ class Configuration:
 
     @classmethod
     def parse(cls, spec: str) -> "Configuration":
-        types_ = {key: typing.get_args(typing.get_type_hints(TrainConfig)[key])[0] for key in SETTINGS}
+        hints = typing.get_type_hints(TrainConfig)
+        types_ = {key: (typing.get_args(hints[key]) or (hints[key],))[0] for key in SETTINGS}
         optim, *items = spec.split(":")
         if optim not in OPTIMIZERS:
             raise ValueError(f"--optims entry {spec!r}: unknown optimizer {optim!r}; choose from {list(OPTIMIZERS)}")
@@ -105,13 +113,16 @@ class Configuration:
                 raise ValueError(f"--optims entry {spec!r}: {item!r} is not KEY=VALUE with KEY one of {list(SETTINGS)}")
             if key in settings:
                 raise ValueError(f"--optims entry {spec!r}: {key} given twice")
+            allowed = {"stats": STAT_MODES, "damping_mode": DAMPING_MODES, "conv": CONV_FORMS}.get(key)
+            if allowed is not None and value not in allowed:
+                raise ValueError(f"--optims entry {spec!r}: {key}={value!r}; choose from {list(allowed)}")
             try:
                 settings[key] = types_[key](value)
             except ValueError:
                 raise ValueError(f"--optims entry {spec!r}: {key}={value!r} is not a {types_[key].__name__}") from None
-        if not optim.startswith("dopr") and set(settings) - {"lr"}:
-            raise ValueError(f"--optims entry {spec!r}: {sorted(set(settings) - {'lr'})} only apply to dopr-* "
-                             f"optimizers")
+        if not optim.startswith("dopr") and set(settings) - ANY_OPTIMIZER_SETTINGS:
+            raise ValueError(f"--optims entry {spec!r}: {sorted(set(settings) - ANY_OPTIMIZER_SETTINGS)} only apply "
+                             f"to dopr-* optimizers")
         return cls(spec, optim, tuple(settings.items()))
 
     @property

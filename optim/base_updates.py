@@ -1,4 +1,4 @@
-"""Gradient-wise preconditioners (GP): the update D = GP(M) of AdamW, Muon and SGD.
+"""Gradient-wise preconditioners (GP): the update D = GP(M) of AdamW, Muon, Signum, AdaMuon and SGD.
 
 Each function takes the (possibly activation-preconditioned) gradients as a separate list, so the
 same code serves DoPr and its AP-off baselines. The math follows torch.optim.AdamW and
@@ -113,3 +113,46 @@ def muon_update(params, grads, states, lr, momentum, nesterov, weight_decay, ns_
         update = newton_schulz(update, ns_steps, ns_eps)
         p.mul_(1 - lr * weight_decay)
         p.add_(update.reshape(p.shape), alpha=-muon_lr(lr, g.shape, adjust_lr_fn))
+
+
+def signum_update(params, grads, states, lr, momentum, weight_decay) -> None:
+    """Signum (Bernstein et al. 2018, signSGD with momentum):
+    m <- b m + (1-b) g, theta <- (1 - lr wd) theta - lr sign(m)."""
+    for p, g, s in zip(params, grads, states):
+        if "momentum_buffer" not in s:
+            s["momentum_buffer"] = torch.zeros_like(g)
+        buf = s["momentum_buffer"]
+        buf.lerp_(g, 1 - momentum)
+        p.mul_(1 - lr * weight_decay)
+        p.add_(buf.sign(), alpha=-lr)
+
+
+def adamuon_update(params, grads, states, lr, momentum, nesterov, beta2, eps, weight_decay, ns_steps, ns_eps) -> None:
+    """AdaMuon (Si, Zhang, Shen 2025, "AdaMuon: Adaptive Muon Optimizer", arXiv 2507.11005, Algorithm 1)
+    on matrices; a conv weight (out, in, *k) is updated as the matrix (out, in*k):
+
+        M <- b1 M + (1-b1) G                 (Nesterov: U = G + b1 (M - G), else U = M)
+        O  = NewtonSchulz(sign(U))           sign-stabilized orthogonal direction
+        V <- b2 V + (1-b2) O * O             element-wise second moment of the orthogonal direction
+        O^ = O / (sqrt(V / (1 - b2^t)) + eps)
+        theta <- (1 - lr wd) theta - lr * 0.2 sqrt(m n) / (||O^||_F + eps) * O^
+
+    The last line matches the update's RMS to Adam's (0.2), so AdamW's learning rate carries over. The
+    bias correction of V (the authors' code has it; the paper omits it) cancels in the rescaling up to eps.
+    """
+    for p, g, s in zip(params, grads, states):
+        g = g.reshape(p.shape[0], -1)
+        if "momentum_buffer" not in s:
+            s["momentum_buffer"] = torch.zeros_like(g)
+            s["exp_avg_sq"] = torch.zeros_like(g, dtype=torch.float32)
+            s["step"] = torch.zeros((), dtype=torch.float32)
+        buf, v = s["momentum_buffer"], s["exp_avg_sq"]
+        buf.lerp_(g, 1 - momentum)
+        update = g.lerp(buf, momentum) if nesterov else buf
+        o = newton_schulz(update.sign(), ns_steps, ns_eps).float()
+        s["step"] += 1
+        v.mul_(beta2).addcmul_(o, o, value=1 - beta2)
+        o = o.div_(v.div(1 - beta2 ** s["step"].item()).sqrt_().add_(eps))
+        scale = 0.2 * math.sqrt(o.numel()) / (o.norm() + eps)  # a tensor: no device sync
+        p.mul_(1 - lr * weight_decay)
+        p.sub_(o.mul_(lr * scale).reshape(p.shape).to(p.dtype))

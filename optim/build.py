@@ -7,22 +7,24 @@ from torch import nn
 
 from .base_updates import fused_adamw_supported
 from .dopr import DoPr
+from .names import OPTIMIZERS
 
-OPTIMIZERS = ("dopr-adamw", "dopr-muon", "adamw", "muon")
 ADAMW_OPTIONS = {"lr", "weight_decay", "betas", "eps"}
 MUON_OPTIONS = {"momentum", "nesterov", "ns_steps", "adjust_lr_fn", "adamw_lr"}
-AP_OPTIONS = {"damping", "stats", "stat_decay", "stats_every", "precond_every", "damping_floor", "exclude"}
+AP_OPTIONS = {"damping", "damping_mode", "stats", "stat_decay", "stats_every", "precond_every", "conv",
+              "damping_floor", "exclude"}
 DOPR_OPTIONS = ADAMW_OPTIONS | MUON_OPTIONS | AP_OPTIONS | {"skip_nonfinite"}
 
 
 def build(name: str = "dopr-adamw", model: nn.Module | None = None, **kw) -> torch.optim.Optimizer:
     """Build optimizer `name` over `model`'s trainable parameters.
 
-    kw: lr, weight_decay, betas, eps; Muon's momentum, nesterov, ns_steps, adjust_lr_fn, adamw_lr; DoPr's
-    damping, stats, stat_decay, stats_every, precond_every, damping_floor, exclude, skip_nonfinite (see
-    DoPr). Options that do not apply to `name` are ignored, so one config serves every name; unknown
-    options raise. "adamw" is torch.optim.AdamW itself (fused); "muon" is DoPr with AP off: Muon
-    (torch.optim.Muon's math) on every Linear/Conv weight and AdamW on the rest, as one optimizer object.
+    kw: lr, weight_decay, betas, eps; Muon's (AdaMuon's, Signum's) momentum, nesterov, ns_steps, adjust_lr_fn,
+    adamw_lr; DoPr's damping, damping_mode, stats, stat_decay, stats_every, precond_every, conv, damping_floor,
+    exclude, skip_nonfinite (see DoPr). Options that do not apply to `name` are ignored, so one config serves
+    every name; unknown options raise. "adamw" is torch.optim.AdamW itself (fused); "muon", "signum" and
+    "adamuon" are DoPr with AP off: e.g. Muon (torch.optim.Muon's math) on every AP block's weight and AdamW on
+    the rest, as one optimizer object.
     """
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {OPTIMIZERS}")
@@ -40,6 +42,7 @@ def build(name: str = "dopr-adamw", model: nn.Module | None = None, **kw) -> tor
         # torch's fused kernel where it has one (3-4x faster than its default loop on a CPU): the same
         # kernel DoPr's AdamW part runs, so timing comparisons measure AP and nothing else
         return torch.optim.AdamW(params, fused=fused_adamw_supported(params) or None, **kw)
-    if name == "muon":
+    base = name.removeprefix("dopr-")
+    if name == base:
         kw = {k: v for k, v in kw.items() if k not in AP_OPTIONS}
-    return DoPr(model, base="muon" if name.endswith("muon") else "adamw", precondition=name.startswith("dopr"), **kw)
+    return DoPr(model, base=base, precondition=name != base, **kw)

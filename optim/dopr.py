@@ -1,19 +1,20 @@
 """DoPr: double preconditioning (Zhang et al. 2026), as a torch.optim.Optimizer built from a model.
 
-For every nn.Linear / nn.Conv1d / nn.Conv2d with weight gradient g (out x fan_in) and inputs z:
+For every AP block (nn.Linear, nn.Conv1d/2d, the projections of nn.MultiheadAttention; ap_blocks.py)
+with weight gradient g (rows x d) and inputs z:
 
     Sigma = (1/n) sum_i z_i z_i^T            z gets a trailing 1 when the layer has a bias
-    M     = g (Sigma + gamma tr(Sigma) I)^-1  activation-wise preconditioning (AP)
-    D     = GP(M)                            AdamW, Muon or SGD (gradient-wise preconditioning)
+    M     = g (Sigma + delta I)^-1           activation-wise preconditioning (AP)
+    D     = GP(M)                            AdamW, Muon, Signum, AdaMuon or SGD (gradient-wise)
     theta <- (1 - lr wd) theta - lr D
 
-Every other parameter goes to the base optimizer unchanged (with base="muon": AdamW for
-everything that is not a supported layer's weight, as Muon's reference does).
+delta = gamma tr(Sigma) (the paper's form) or gamma tr(Sigma) / d (damping_mode="mean_eig").
+Every other parameter goes to the base optimizer unchanged (with the Muon-type bases: AdamW for
+everything that is not an AP block's weight, as Muon's reference does).
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import warnings
 
@@ -21,14 +22,28 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .activation_stats import SUPPORTED_LAYERS, InputMoments, InputStatistics
-from .base_updates import adamw_update, muon_update, sgd_update
-from .preconditioner import Factor, factorize, precondition
+from .activation_stats import InputMoments, InputStatistics
+from .ap_blocks import APBlock, find_blocks
+from .base_updates import adamuon_update, adamw_update, muon_update, sgd_update, signum_update
+from .names import BASES, CONV_FORMS, DAMPING_MODES, STAT_MODES
+from .preconditioner import (
+    Damping,
+    Factor,
+    dual_flops,
+    factorize,
+    gradient_scale,
+    precondition,
+    precondition_dual,
+    precondition_dual_outputs,
+    precondition_same_batch,
+    primal_flops,
+)
 
-BASES = ("adamw", "muon", "sgd")
-STAT_MODES = ("batch", "ema")
+MATRIX_BASES = ("muon", "adamuon")  # update AP weights as matrices, everything else with AdamW
+DEFAULT_MOMENTUM = {"muon": 0.95, "adamuon": 0.95, "signum": 0.9}
 # The optimizer state of a layer's weight that holds DoPr's own statistics and factors; these keep
-# their dtype on load (torch casts other floating state to the parameter's dtype).
+# their dtype on load (torch casts other floating state to the parameter's dtype). A block that owns
+# only some rows of its weight (attention's q, k, v) adds a suffix (":q").
 AP_STATE_KEYS = ("ap_inverse", "ap_cholesky", "sigma_ema", "sigma_count")
 
 
@@ -43,30 +58,19 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-class _Layer:
-    def __init__(self, name: str, module: nn.Module):
-        self.name, self.module = name, module
-        self.weight = module.weight
-        bias = module.bias
-        self.bias = bias if bias is not None and bias.requires_grad else None
-        # The refreshed inverse cast to the gradient's dtype (e.g. bfloat16 weights) once per refresh, not
-        # once per step; not optimizer state: rebuilt whenever the stored inverse changes.
-        self.cast_inverse: tuple[torch.Tensor, torch.Tensor] | None = None  # (stored inverse, cast copy)
+class _CastCache:
+    """A stored inverse cast to the gradient's dtype (e.g. bfloat16 weights) once per refresh, not once per
+    step; not optimizer state: rebuilt whenever the stored inverse changes."""
 
-    def inverse_for(self, inverse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def __init__(self):
+        self.pair: tuple[torch.Tensor, torch.Tensor] | None = None  # (stored inverse, cast copy)
+
+    def __call__(self, inverse: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if inverse.dtype == dtype:
             return inverse
-        if self.cast_inverse is None or self.cast_inverse[0] is not inverse or self.cast_inverse[1].dtype != dtype:
-            self.cast_inverse = (inverse, inverse.to(dtype))
-        return self.cast_inverse[1]
-
-
-def _is_excluded(exclude, name: str, module: nn.Module) -> bool:
-    if callable(exclude):
-        return bool(exclude(name, module))
-    return any(
-        (item is module) if isinstance(item, nn.Module) else fnmatch.fnmatchcase(name, item) for item in exclude
-    )
+        if self.pair is None or self.pair[0] is not inverse or self.pair[1].dtype != dtype:
+            self.pair = (inverse, inverse.to(dtype))
+        return self.pair[1]
 
 
 class DoPr(torch.optim.Optimizer):
@@ -74,14 +78,18 @@ class DoPr(torch.optim.Optimizer):
 
     Args:
         model: the module being trained (a DDP/compile wrapper is fine); forward hooks on its
-            Linear/Conv1d/Conv2d layers record their inputs in training mode.
+            Linear/Conv1d/Conv2d/MultiheadAttention layers record their inputs in training mode.
         lr, weight_decay: the base optimizer's (decoupled weight decay for every base).
-        base: "adamw", "muon" or "sgd" (the gradient-wise preconditioner).
-        damping: gamma in Sigma + gamma tr(Sigma) I. The default 0.1 bounds the condition number of
-            the damped matrix by 11 and won the held-out-loss sweep (optim/sweep_defaults.py) where a
-            batch has fewer rows than a layer has inputs; 1e-3 fitted faster and generalized worse.
-        stats: "batch" (the paper's: the Sigma of the batch of the step that refreshes the
-            preconditioner) or "ema" (an exponential moving average of Sigma over steps, bias-corrected).
+        base: "adamw", "muon", "signum", "adamuon" or "sgd" (the gradient-wise preconditioner).
+        damping: gamma in delta = gamma tr(Sigma) (damping_mode "trace") or gamma tr(Sigma)/d ("mean_eig").
+            The default 0.1 (trace) bounds the condition number of the damped matrix by 11 and won the
+            held-out-loss sweep (optim/sweep_defaults.py); it is 0.1 d times Sigma's mean eigenvalue (25.7x
+            at d = 257), so AP whitens weakly. Closed-loop success decides the default (issue 12's study).
+        damping_mode: "trace" (the paper's form) or "mean_eig" (one gamma means the same at every width).
+        stats: "batch" (the Sigma of the batch of the step that refreshes the preconditioner, reused for
+            the next precond_every - 1 steps), "ema" (an exponential moving average of Sigma over steps,
+            bias-corrected) or "same-batch" (the paper's pairing: every step's gradient with the Sigma of
+            that step's own batch, micro-batches summed; solved, never inverted; precond_every is unused).
         stat_decay: the EMA's decay per recorded step.
         stats_every: with stats="ema", record inputs every this many steps (other steps cost nothing).
         precond_every: refresh the factorization every this many steps (step 0 always). The default 20
@@ -89,11 +97,13 @@ class DoPr(torch.optim.Optimizer):
             the CPU MLP benchmark) at no measured cost: held-out loss 0.0391 vs 0.0390 at 10 (sweep_defaults),
             lift closed-loop success 0.935 vs 0.950 (2 seeds x 100 episodes, within noise;
             docs/results/dopr-study).
-        damping_floor: absolute damping added to gamma tr(Sigma), so a layer with all-zero inputs stays finite.
-        betas, eps: AdamW's (also for Muon's non-matrix parameters).
-        momentum, nesterov, ns_steps, adjust_lr_fn: Muon's (momentum is SGD's with base="sgd";
-            default 0.95 for Muon, 0 for SGD).
-        adamw_lr: with base="muon", the lr of the AdamW part (default: lr).
+        conv: "channel" (M_j = g_j Sigma_c^-1 for every kernel tap, Sigma_c over channels; ap_blocks.py) or
+            "patch" (K-FAC's patch covariance, (C k)^2: the form measured in docs/results/dopr-study).
+        damping_floor: absolute damping added to delta, so a layer with all-zero inputs stays finite.
+        betas, eps: AdamW's (also for the Muon-type bases' other parameters; AdaMuon's beta2 is betas[1]).
+        momentum, nesterov, ns_steps, adjust_lr_fn: Muon's (momentum is AdaMuon's, Signum's and SGD's with
+            those bases; default 0.95 for Muon and AdaMuon, 0.9 for Signum, 0 for SGD).
+        adamw_lr: with a Muon-type base, the lr of the AdamW part (default: lr).
         exclude: module-name patterns (fnmatch), modules, or a predicate (name, module) -> bool;
             matching layers get no AP.
         precondition: False switches AP off (then DoPr is exactly its base optimizer).
@@ -107,10 +117,12 @@ class DoPr(torch.optim.Optimizer):
         lr: float = 1e-3,
         base: str = "adamw",
         damping: float = 0.1,
+        damping_mode: str = "trace",
         stats: str = "batch",
         stat_decay: float = 0.95,
         stats_every: int = 1,
         precond_every: int = 20,
+        conv: str = "patch",
         weight_decay: float = 1e-2,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -126,10 +138,10 @@ class DoPr(torch.optim.Optimizer):
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"DoPr is built from the model (an nn.Module), got {type(model).__name__}")
-        if base not in BASES:
-            raise ValueError(f"DoPr: base must be one of {BASES}, got {base!r}")
-        if stats not in STAT_MODES:
-            raise ValueError(f"DoPr: stats must be one of {STAT_MODES}, got {stats!r}")
+        for key, value, allowed in (("base", base, BASES), ("stats", stats, STAT_MODES),
+                                    ("damping_mode", damping_mode, DAMPING_MODES), ("conv", conv, CONV_FORMS)):
+            if value not in allowed:
+                raise ValueError(f"DoPr: {key} must be one of {allowed}, got {value!r}")
         for key, value in (("lr", lr), ("damping", damping), ("weight_decay", weight_decay),
                            ("damping_floor", damping_floor), ("eps", eps)):
             if not (value >= 0 and math.isfinite(value)):
@@ -144,28 +156,17 @@ class DoPr(torch.optim.Optimizer):
             if int(value) != value or value < 1:
                 raise ValueError(f"DoPr: {key} must be an integer >= 1, got {value}")
         if momentum is None:
-            momentum = 0.95 if base == "muon" else 0.0
-        if momentum < 0:
-            raise ValueError(f"DoPr: momentum must be >= 0, got {momentum}")
+            momentum = DEFAULT_MOMENTUM.get(base, 0.0)
+        if not 0 <= momentum < (1 if base in ("signum", *MATRIX_BASES) else math.inf):
+            raise ValueError(f"DoPr: momentum must be >= 0 (and < 1 with base={base!r}), got {momentum}")
 
         inner = unwrap_model(model)
-        self.layers: list[_Layer] = []
-        seen = set()
-        for name, module in inner.named_modules():
-            if not isinstance(module, SUPPORTED_LAYERS) or not module.weight.requires_grad:
-                continue
-            if id(module.weight) in seen or _is_excluded(exclude, name, module):
-                continue
-            if isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups != 1:
-                warnings.warn(f"DoPr: conv layer '{name}' has groups={module.groups}; it gets no AP "
-                              f"(base optimizer only)")
-                continue
-            seen.add(id(module.weight))
-            self.layers.append(_Layer(name, module))
-        if precondition and not self.layers:
+        self.blocks, hooked = find_blocks(inner, exclude, conv)
+        if precondition and not self.blocks:
             raise ValueError(
-                f"DoPr: model {type(inner).__name__} has no trainable nn.Linear/Conv1d/Conv2d layer to precondition "
-                "(after `exclude`); use a plain optimizer (build('adamw', ...)) or precondition=False"
+                f"DoPr: model {type(inner).__name__} has no trainable nn.Linear/Conv1d/Conv2d/MultiheadAttention "
+                "layer to precondition (after `exclude`); use a plain optimizer (build('adamw', ...)) or "
+                "precondition=False"
             )
         self._param_names = {id(p): n for n, p in inner.named_parameters()}
 
@@ -174,10 +175,10 @@ class DoPr(torch.optim.Optimizer):
             raise ValueError(f"DoPr: model {type(inner).__name__} has no trainable parameters")
         hyper = dict(lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps, momentum=momentum,
                      nesterov=nesterov, ns_steps=int(ns_steps), ns_eps=1e-7, adjust_lr_fn=adjust_lr_fn)
-        if base == "muon":
-            matrices = {id(layer.weight) for layer in self.layers}
+        if base in MATRIX_BASES:
+            matrices = {id(b.weight) for b in self.blocks}
             groups = [
-                dict(params=[p for p in named if id(p) in matrices], kind="muon"),
+                dict(params=[p for p in named if id(p) in matrices], kind=base),
                 dict(params=[p for p in named if id(p) not in matrices], kind="adamw",
                      lr=lr if adamw_lr is None else adamw_lr),
             ]
@@ -187,23 +188,31 @@ class DoPr(torch.optim.Optimizer):
         super().__init__(groups, hyper)
 
         self.precondition = precondition
-        self.damping, self.damping_floor = float(damping), float(damping_floor)
+        self.damping, self.damping_floor, self.damping_mode = float(damping), float(damping_floor), damping_mode
+        self._damping = Damping(self.damping, damping_mode, self.damping_floor)
         self.stats, self.stat_decay = stats, float(stat_decay)
         self.stats_every, self.precond_every = int(stats_every), int(precond_every)
+        self.conv = conv
         self.skip_nonfinite = skip_nonfinite
         self.skipped_steps = 0
         self._step = 0
         self._warned_unseen: set[str] = set()
-        self._inputs = InputStatistics({l.name: l.module for l in self.layers} if precondition else {})
+        self._casts = {b.name: _CastCache() for b in self.blocks}
+        # same-batch AP of a Linear-type block may use the n x n form while its rows fit (ap_blocks, preconditioner)
+        keep_rows = {b.stats_key: b.weight.shape[-1] + b.homogeneous for b in self.blocks
+                     if stats == "same-batch" and b.taps == 1 and not isinstance(b.module, (nn.Conv1d, nn.Conv2d))}
+        self._inputs = InputStatistics(hooked if precondition else {}, conv=conv, keep_rows=keep_rows)
         self._inputs.active = self._records_at(0)
 
     # ----- schedule: which steps record inputs and refresh the factorization -----
     def _refreshes_at(self, t: int) -> bool:
-        return self.precondition and t % self.precond_every == 0
+        return self.precondition and self.stats != "same-batch" and t % self.precond_every == 0
 
     def _records_at(self, t: int) -> bool:
         if not self.precondition:
             return False
+        if self.stats == "same-batch":
+            return True
         if self.stats == "batch":
             return self._refreshes_at(t)
         return t % self.stats_every == 0
@@ -218,46 +227,56 @@ class DoPr(torch.optim.Optimizer):
         try:
             if all(p.grad is None for g in self.param_groups for p in g["params"]):
                 return loss  # nothing to update (as torch's optimizers): the schedule does not advance
-            sigmas = self._current_sigmas() if self._inputs.active else {}
-            if sigmas is None or not self._grads_finite():
+            moments = self._current_moments() if self._inputs.active else {}
+            if moments is None or not self._grads_finite():
                 self.skipped_steps += 1  # the step is retried with the next batch: same schedule
                 return loss
-            refresh = self._refreshes_at(self._step)
-            if self.stats == "ema":
-                sigmas = self._update_ema(sigmas, corrected=refresh)
-            if refresh and sigmas:  # none after remove_hooks(): every layer keeps its preconditioner
-                self._refresh(sigmas)
-            self._apply_updates()
+            if self.stats == "same-batch":
+                updates = self._same_batch_updates(moments)
+            else:
+                sigmas = {b.name: moments[b.stats_key].sigma(b.homogeneous) for b in self.blocks
+                          if b.stats_key in moments}
+                refresh = self._refreshes_at(self._step)
+                if self.stats == "ema":
+                    sigmas = self._update_ema(sigmas, corrected=refresh)
+                if refresh and sigmas:  # none after remove_hooks(): every layer keeps its preconditioner
+                    self._refresh(sigmas)
+                updates = self._stored_factor_updates()
+            self._apply_base(updates)
             self._step += 1
         finally:
             self._inputs.clear()
             self._inputs.active = self._records_at(self._step)
         return loss
 
-    def _current_sigmas(self) -> dict[str, torch.Tensor] | None:
-        """This step's Sigma per layer (all ranks' inputs combined); None to skip a non-finite step."""
+    def _current_moments(self) -> dict[str, InputMoments] | None:
+        """This step's input moments per statistics key (all ranks' combined); None to skip a non-finite step."""
         moments = self._inputs.moments
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             moments = self._all_reduce(moments)
-        layers = [l for l in self.layers if l.name in moments]
-        if not layers:
+        if not moments:
             raise RuntimeError(
                 "DoPr: no layer inputs were recorded before this step; run the forward pass in training mode "
                 "(model.train()) with gradients enabled, after building the optimizer"
             )
-        peak = torch.stack(torch._foreach_norm([moments[l.name].zz for l in layers]))
-        if not torch.isfinite(peak).all():
-            bad = [l.name for l, v in zip(layers, peak.tolist()) if not math.isfinite(v)]
+        keys = list({id(m): k for k, m in moments.items()}.values())  # attention's q, k, v may share one
+        parts = [(k, t) for k in keys for t in moments[k].tensors()]
+        peak = torch.stack(torch._foreach_norm([t for _, t in parts]))
+        if not math.isfinite(peak.sum().item()):  # one reduction: a NaN or inf norm makes the sum non-finite
+            bad = sorted({k for (k, _), v in zip(parts, peak.tolist()) if not math.isfinite(v)})
             return self._nonfinite(f"the inputs of layer(s) {bad}")
-        return {l.name: moments[l.name].sigma(homogeneous=l.bias is not None) for l in layers}
+        return moments
 
     def _all_reduce(self, moments: dict[str, InputMoments]) -> dict[str, InputMoments]:
         """Sum the moments over ranks (then Sigma = sum / total count): every rank gets the same Sigma."""
-        ref = self.layers[0].weight
+        keys = sorted({b.stats_key: b for b in self.blocks})
+        dims = {b.stats_key: _input_dim(b) for b in self.blocks}
+        ref = self.blocks[0].weight
         parts, counts = [], []
-        for l in self.layers:
-            d = l.weight[0].numel()
-            m = moments.get(l.name)
+        for k in keys:
+            m, d = moments.get(k), dims[k]
+            if m is not None:
+                m.fold()  # rows cannot be summed over ranks: every rank takes the d x d form
             parts += [m.zz.flatten(), m.z] if m else [ref.new_zeros(d * d + d, dtype=torch.float32)]
             counts.append(m.n if m else 0)
         flat = torch.cat(parts)
@@ -265,11 +284,11 @@ class DoPr(torch.optim.Optimizer):
         dist.all_reduce(flat)
         dist.all_reduce(count)
         out, offset = {}, 0
-        for l, n in zip(self.layers, count.tolist()):
-            d = l.weight[0].numel()
+        for k, n in zip(keys, count.tolist()):
+            d = dims[k]
             if n > 0:
-                second = flat[offset:offset + d * d].view(d, d)
-                out[l.name] = InputMoments(second, flat[offset + d * d:offset + d * d + d], int(n))
+                out[k] = m = InputMoments()
+                m.zz, m.z, m.n = flat[offset:offset + d * d].view(d, d), flat[offset + d * d:offset + d * d + d], n
             offset += d * d + d
         return out
 
@@ -292,56 +311,92 @@ class DoPr(torch.optim.Optimizer):
             "(pass skip_nonfinite=True to skip such steps)"
         )
 
+    def _warn_unseen(self, block: APBlock) -> None:
+        if block.weight.grad is not None and block.name not in self._warned_unseen:
+            self._warned_unseen.add(block.name)
+            warnings.warn(f"DoPr: layer '{block.name}' has a gradient but its forward was never observed "
+                          "(called functionally?); it keeps its last preconditioner, or none")
+
+    # ----- same-batch AP: this step's Sigma for this step's gradient -----
+    def _same_batch_updates(self, moments: dict[str, InputMoments]) -> dict[int, torch.Tensor]:
+        updates: dict[int, torch.Tensor] = {}
+        primal: list[tuple[APBlock, torch.Tensor, torch.Tensor]] = []
+        sigma_of: dict[tuple, torch.Tensor] = {}  # one Sigma per (moments, homogeneous): shared inputs factor once
+        for b in self.blocks:
+            m = moments.get(b.stats_key)
+            if b.weight.grad is None:
+                continue
+            if m is None:
+                self._warn_unseen(b)
+                continue
+            if m.rows:  # a Linear-type block whose batch may be smaller than its width
+                g, g_b = b.gradients()
+                d, outputs = g.shape[1] + b.homogeneous, m.delta_matrix() if b.part is None else None
+            if m.rows and dual_flops(m.n, d, g.shape[0], outputs is not None) < primal_flops(m.n, d, g.shape[0]):
+                z = m.matrix(False)
+                scale = None if outputs is None else gradient_scale(g, g_b, outputs, z)
+                if scale is not None:
+                    m_w, m_b = precondition_dual_outputs(b.name, outputs, scale, z, b.homogeneous, self._damping)
+                else:
+                    m_w, m_b = precondition_dual(b.name, g, g_b, z, self._damping)
+                b.write_parts(m_w.to(g.dtype), None if m_b is None else m_b.to(g.dtype), updates)
+                continue
+            key = (id(m), b.homogeneous)
+            if key not in sigma_of:
+                sigma_of[key] = m.sigma(b.homogeneous)
+            primal.append((b, b.gradient(), sigma_of[key]))
+        if primal:
+            ms = precondition_same_batch([b.name for b, _, _ in primal], [g for _, g, _ in primal],
+                                         [s for _, _, s in primal], self._damping)
+            for (b, _, _), m in zip(primal, ms):
+                b.write(m, updates)
+        return updates
+
+    # ----- stored factors: statistics refreshed every precond_every steps -----
     def _update_ema(self, sigmas: dict[str, torch.Tensor], corrected: bool) -> dict[str, torch.Tensor]:
-        """Fold this step's Sigma into the EMA; when `corrected`, return the bias-corrected EMA of every layer."""
+        """Fold this step's Sigma into the EMA; when `corrected`, return the bias-corrected EMA of every block."""
         out = {}
-        for l in self.layers:
-            state = self.state[l.weight]
-            if l.name in sigmas:
-                if "sigma_ema" not in state:
-                    state["sigma_ema"] = torch.zeros_like(sigmas[l.name])
-                    state["sigma_count"] = torch.tensor(0.0)
-                state["sigma_ema"].lerp_(sigmas[l.name], 1 - self.stat_decay)
-                state["sigma_count"] += 1
-            if corrected and "sigma_ema" in state:
-                out[l.name] = state["sigma_ema"] / (1 - self.stat_decay ** state["sigma_count"].item())
+        for b in self.blocks:
+            state, ema, count = self.state[b.weight], "sigma_ema" + b.state_suffix, "sigma_count" + b.state_suffix
+            if b.name in sigmas:
+                if ema not in state:
+                    state[ema] = torch.zeros_like(sigmas[b.name])
+                    state[count] = torch.tensor(0.0)
+                state[ema].lerp_(sigmas[b.name], 1 - self.stat_decay)
+                state[count] += 1
+            if corrected and ema in state:
+                out[b.name] = state[ema] / (1 - self.stat_decay ** state[count].item())
         return out
 
     def _refresh(self, sigmas: dict[str, torch.Tensor]) -> None:
-        layers = [l for l in self.layers if l.name in sigmas]
-        for l in self.layers:
-            if l.name not in sigmas and l.weight.grad is not None and l.name not in self._warned_unseen:
-                self._warned_unseen.add(l.name)
-                warnings.warn(f"DoPr: layer '{l.name}' has a gradient but its forward was never observed "
-                              "(called functionally?); it keeps its last preconditioner, or none")
-        names = [l.name for l in layers]
-        factors = factorize(names, [sigmas[n] for n in names], self.damping, self.damping_floor)
-        for l, f in zip(layers, factors):
-            state = self.state[l.weight]
-            state.pop("ap_inverse", None)
-            state.pop("ap_cholesky", None)
-            state["ap_inverse" if f.inverse is not None else "ap_cholesky"] = (
-                f.inverse if f.inverse is not None else f.cholesky
-            )
+        blocks = [b for b in self.blocks if b.name in sigmas]
+        for b in self.blocks:
+            if b.name not in sigmas:
+                self._warn_unseen(b)
+        factors = factorize([b.name for b in blocks], [sigmas[b.name] for b in blocks], self._damping)
+        for b, f in zip(blocks, factors):
+            state = self.state[b.weight]
+            state.pop("ap_inverse" + b.state_suffix, None)
+            state.pop("ap_cholesky" + b.state_suffix, None)
+            kind = "ap_inverse" if f.inverse is not None else "ap_cholesky"
+            state[kind + b.state_suffix] = f.inverse if f.inverse is not None else f.cholesky
 
-    def _apply_updates(self) -> None:
-        grads = {}  # id(param) -> the gradient the base optimizer sees (M for AP layers)
-        for l in self.layers if self.precondition else ():
-            state, g_w = self.state[l.weight], l.weight.grad
-            if g_w is None or not ("ap_inverse" in state or "ap_cholesky" in state):
+    def _stored_factor_updates(self) -> dict[int, torch.Tensor]:
+        updates: dict[int, torch.Tensor] = {}  # id(param) -> the gradient the base optimizer sees (M for AP blocks)
+        for b in self.blocks if self.precondition else ():
+            state = self.state[b.weight]
+            inverse, cholesky = state.get("ap_inverse" + b.state_suffix), state.get("ap_cholesky" + b.state_suffix)
+            g = b.gradient() if inverse is not None or cholesky is not None else None
+            if g is None:
                 continue
-            g_b = l.bias.grad if l.bias is not None else None
-            if l.bias is not None and g_b is None:
-                g_b = torch.zeros_like(l.bias)
-            inverse = state.get("ap_inverse")
-            factor = Factor(None if inverse is None else l.inverse_for(inverse, g_w.dtype), state.get("ap_cholesky"))
-            m_w, m_b = precondition(g_w.reshape(g_w.shape[0], -1), g_b, factor)
-            grads[id(l.weight)] = m_w.view(g_w.shape)
-            if m_b is not None:
-                grads[id(l.bias)] = m_b
+            factor = Factor(None if inverse is None else self._casts[b.name](inverse, g.dtype), cholesky)
+            b.write(precondition(g, factor, out=b.buffer("m", g.shape, g)), updates)
+        return updates
+
+    def _apply_base(self, updates: dict[int, torch.Tensor]) -> None:
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            g = [grads.get(id(p), p.grad) for p in params]
+            g = [updates.get(id(p), p.grad) for p in params]
             states = [self.state[p] for p in params]
             kind, lr, wd = group["kind"], group["lr"], group["weight_decay"]
             if kind == "adamw":
@@ -349,6 +404,11 @@ class DoPr(torch.optim.Optimizer):
             elif kind == "muon":
                 muon_update(params, g, states, lr, group["momentum"], group["nesterov"], wd,
                             group["ns_steps"], group["ns_eps"], group["adjust_lr_fn"])
+            elif kind == "adamuon":
+                adamuon_update(params, g, states, lr, group["momentum"], group["nesterov"], group["betas"][1],
+                               group["eps"], wd, group["ns_steps"], group["ns_eps"])
+            elif kind == "signum":
+                signum_update(params, g, states, lr, group["momentum"], wd)
             else:
                 sgd_update(params, g, states, lr, group["momentum"], group["nesterov"], wd)
 
@@ -364,9 +424,10 @@ class DoPr(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for idx, saved in state_dict["state"].items():
             p = params[idx]
-            for key in AP_STATE_KEYS:
-                if key in saved:  # keep float64 factors float64, float32 statistics float32
-                    self.state[p][key] = saved[key].to(device=p.device if key != "sigma_count" else "cpu",
+            for key in saved:
+                if key.split(":")[0] in AP_STATE_KEYS:  # keep float64 factors float64, float32 statistics float32
+                    on_cpu = key.startswith("sigma_count")
+                    self.state[p][key] = saved[key].to(device="cpu" if on_cpu else p.device,
                                                        dtype=saved[key].dtype, copy=True)
         self._step = int(state_dict.get("dopr_step", 0))
         self.skipped_steps = int(state_dict.get("dopr_skipped_steps", 0))
@@ -376,3 +437,11 @@ class DoPr(torch.optim.Optimizer):
     def remove_hooks(self) -> None:
         """Detach the forward hooks (the optimizer can no longer refresh AP after this)."""
         self._inputs.remove()
+
+
+def _input_dim(block: APBlock) -> int:
+    """The size of one recorded input row (without the homogeneous coordinate)."""
+    w = block.weight
+    if block.taps > 1:
+        return w.shape[1]
+    return w[0].numel()

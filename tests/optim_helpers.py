@@ -54,7 +54,7 @@ def ddp_worker(rank, world, init_file, data, out_path):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     model = nn.parallel.DistributedDataParallel(ConvNet())
     opt = DoPr(model, lr=1e-2, stats="ema", precond_every=2)
-    assert [l.name for l in opt.layers] == ["c1", "c2", "head"]  # no "module." prefix
+    assert [b.name for b in opt.blocks] == ["c1", "c2", "head"]  # no "module." prefix
     for x, y in data:
         per_rank = x.shape[0] // world
         part = slice(rank * per_rank, (rank + 1) * per_rank)

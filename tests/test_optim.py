@@ -222,7 +222,10 @@ def test_zero_inputs_stay_finite():
 
 # ---------------------------------------------------------------- checkpoints
 @pytest.mark.parametrize("name,kw", [("dopr-adamw", dict(stats="ema", precond_every=3)),
-                                     ("dopr-muon", dict(stats="batch", precond_every=4, damping=1e-8))])
+                                     ("dopr-muon", dict(stats="batch", precond_every=4, damping=1e-8)),
+                                     ("dopr-adamuon", dict(stats="ema", precond_every=3, conv="channel")),
+                                     ("dopr-signum", dict(stats="same-batch", conv="channel",
+                                                          damping_mode="mean_eig"))])
 def test_state_dict_round_trip_is_bit_identical(tmp_path, name, kw):
     data = batches(20, (8, 3, 8), 2)
     full = ConvNet()
@@ -352,7 +355,7 @@ def test_hooks_are_attached_only_on_steps_that_record():
         opt.zero_grad()
         F.mse_loss(model(x), y).backward()
         if attached[-1]:
-            assert set(opt._inputs.moments) == {l.name for l in opt.layers}
+            assert set(opt._inputs.moments) == {b.stats_key for b in opt.blocks}
         else:
             assert not opt._inputs.moments
         opt.step()

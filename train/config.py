@@ -8,7 +8,10 @@ from dataclasses import dataclass
 from dopr.options import LazyChoices, option
 
 POLICY_KINDS = LazyChoices("dopr.policies.config", "POLICY_KINDS")  # one list, in policies/
-OPTIMIZERS = LazyChoices("dopr.optim.build", "OPTIMIZERS")  # one list, in optim/
+OPTIMIZERS = LazyChoices("dopr.optim.names", "OPTIMIZERS")  # one list, in optim/ (torch-free)
+STAT_MODES = LazyChoices("dopr.optim.names", "STAT_MODES")
+DAMPING_MODES = LazyChoices("dopr.optim.names", "DAMPING_MODES")
+CONV_FORMS = LazyChoices("dopr.optim.names", "CONV_FORMS")
 MLP_KINDS = LazyChoices("dopr.policies.config", "MLP_KINDS")  # the policies that are one forward pass
 # Fields that may differ between a run and its resumption (they do not change the weights).
 # A moved run folder or dataset is fine: the dataset is checked by its fingerprint instead of its path.
@@ -31,9 +34,16 @@ class TrainConfig:
     batch_size: int = option(256, "global batch size, split across DDP ranks (default %(default)s)")
     weight_decay: float = option(1e-4, "decoupled weight decay (default %(default)s)")
     damping: float | None = option(None, "DoPr damping gamma (dopr-* only; default: dopr.optim's)")
+    damping_mode: str | None = option(
+        None, "DoPr damping delta = gamma tr(Sigma) (trace, the paper's form) or gamma tr(Sigma)/d (mean_eig, "
+              "the same meaning at every width) (dopr-* only; default: dopr.optim's)", choices=DAMPING_MODES)
     stats: str | None = option(
-        None, "DoPr input statistics: this batch's, or an EMA over steps (dopr-* only; default: dopr.optim's)",
-        choices=("batch", "ema"))
+        None, "DoPr input statistics: batch (one batch's, refreshed every --precond-every steps), ema (an EMA over "
+              "steps) or same-batch (every step's own batch, the paper's pairing) (dopr-* only; default: "
+              "dopr.optim's)", choices=STAT_MODES)
+    conv: str | None = option(
+        None, "DoPr on convolutions: channel (the invariance principle's channel covariance) or patch (K-FAC's "
+              "unfolded patches) (dopr-* only; default: dopr.optim's)", choices=CONV_FORMS)
     precond_every: int | None = option(
         None, "DoPr refreshes its factorization every K steps (dopr-* only; default: dopr.optim's)")
     warmup_steps: int | None = option(None, "linear warmup steps before the cosine (default min(500, steps/10))")

@@ -75,8 +75,9 @@ def build_training_state(cfg: TrainConfig, train_set, obs_shapes: dict, action_d
         # then serves the Muon matrices and the AdamW rest, and lr grids are shared with AdamW.
         optim_kw["adjust_lr_fn"] = "match_rms_adamw"
     if cfg.optim.startswith("dopr"):
-        optim_kw.update({k: v for k, v in (("damping", cfg.damping), ("stats", cfg.stats),
-                                           ("precond_every", cfg.precond_every)) if v is not None})
+        optim_kw.update({k: v for k, v in (("damping", cfg.damping), ("damping_mode", cfg.damping_mode),
+                                           ("stats", cfg.stats), ("precond_every", cfg.precond_every),
+                                           ("conv", cfg.conv)) if v is not None})
     optimizer = build_optimizer(cfg.optim, model, **optim_kw)  # DoPr averages its statistics over DDP ranks
     scheduler = warmup_cosine(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
     torch.manual_seed(cfg.seed * 1000 + 1 + rank)  # each rank draws its own noise and crops
