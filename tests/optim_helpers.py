@@ -45,7 +45,7 @@ def train(model, opt, data):
         opt.step()
 
 
-def ddp_worker(rank, world, init_file, data, out_path):
+def ddp_worker(rank, world, init_file, data, out_path, dopr_kw=None):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
@@ -53,7 +53,7 @@ def ddp_worker(rank, world, init_file, data, out_path):
     # down (with a TCP store, a rank exiting during the other's teardown aborted it now and then).
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     model = nn.parallel.DistributedDataParallel(ConvNet())
-    opt = DoPr(model, lr=1e-2, stats="ema", precond_every=2)
+    opt = DoPr(model, lr=1e-2, **(dopr_kw or dict(stats="ema", precond_every=2)))
     assert [b.name for b in opt.blocks] == ["c1", "c2", "head"]  # no "module." prefix
     for x, y in data:
         per_rank = x.shape[0] // world

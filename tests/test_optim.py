@@ -285,14 +285,19 @@ def test_nonfinite_gradients_and_inputs_name_the_layer_and_leave_weights_untouch
 
 
 # ---------------------------------------------------------------- distributed
-def test_two_process_ddp_takes_the_single_process_steps(tmp_path):
+@pytest.mark.parametrize("dopr_kw", [dict(stats="ema", precond_every=2),
+                                     # each rank's rows are summed into one Sigma (the head: d x d form, where
+                                     # one process takes the n x n form); SGD: Adam would turn the two forms'
+                                     # last-bit differences in near-zero entries into lr-sized ones
+                                     dict(stats="same-batch", conv="channel", base="sgd")])
+def test_two_process_ddp_takes_the_single_process_steps(tmp_path, dopr_kw):
     import torch.multiprocessing as mp
 
     data = batches(5, (8, 3, 8), 2)
     out = tmp_path / "rank0.pt"
-    mp.spawn(ddp_worker, args=(2, str(tmp_path / "ddp_store"), data, str(out)), nprocs=2, join=True)
+    mp.spawn(ddp_worker, args=(2, str(tmp_path / "ddp_store"), data, str(out), dopr_kw), nprocs=2, join=True)
     single = ConvNet()
-    train(single, DoPr(single, lr=1e-2, stats="ema", precond_every=2), data)
+    train(single, DoPr(single, lr=1e-2, **dopr_kw), data)
     ddp = ConvNet()
     ddp.load_state_dict(torch.load(out, weights_only=True))
     assert_params_close(single, ddp, rtol=1e-4, atol=1e-5)
