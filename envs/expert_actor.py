@@ -18,10 +18,11 @@ stay with the trainer (dopr.envs.sac_trainer); this file is all that collection 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
+
+from dopr.atomic import write_json_atomic
 
 FORMAT = "dopr-expert-actor/1"
 ACTIVATIONS = {"relu": lambda x: np.maximum(x, 0.0), "tanh": np.tanh}
@@ -87,9 +88,7 @@ class ExpertActor:
         tmp = folder / "actor.safetensors.tmp"
         save_file(tensors, str(tmp))
         tmp.replace(folder / "actor.safetensors")
-        tmp = folder / "expert.json.tmp"
-        tmp.write_text(json.dumps(_finite(dict(self.config, format=FORMAT)), indent=2) + "\n")
-        tmp.replace(folder / "expert.json")
+        write_json_atomic(folder / "expert.json", dict(self.config, format=FORMAT))  # strict JSON: NaN as null
 
     def act_vector(self, obs: np.ndarray) -> np.ndarray:
         """The deterministic action for one observation vector (or a batch of them)."""
@@ -102,7 +101,3 @@ class ExpertActor:
         squashed = np.tanh(h @ w.T + b)
         return self.low + 0.5 * (squashed + 1.0) * (self.high - self.low)
 
-
-def _finite(config: dict) -> dict:
-    # JSON has no NaN: a metric that could not be measured is written as null
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in config.items()}

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dopr.atomic import json_line
+
 RL_EXTRA = 'pip install -e ".[rl]"'
 # the replay-buffer fields of stable-baselines3's ReplayBuffer that hold transitions
 BUFFER_FIELDS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
@@ -272,7 +274,7 @@ def train_sac_expert(config: SACConfig, out: str | Path, progress: bool = True) 
         _save_state(model, vec_env, out)
         # the metrics line goes last: a row in metrics.jsonl always has its checkpoint on disk
         with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json_line(row) + "\n")
             f.flush()
             os.fsync(f.fileno())
         plot_returns(out, f"SAC expert, {config.env_id}")
