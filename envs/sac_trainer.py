@@ -274,7 +274,7 @@ def train_sac_expert(config: SACConfig, out: str | Path, progress: bool = True) 
         _save_state(model, vec_env, out)
         # the metrics line goes last: a row in metrics.jsonl always has its checkpoint on disk
         with open(out / "metrics.jsonl", "a") as f:
-            f.write(json_line(row) + "\n")
+            f.write(json_line(row))
             f.flush()
             os.fsync(f.fileno())
         plot_returns(out, f"SAC expert, {config.env_id}")
