@@ -57,7 +57,7 @@ def main(args) -> int:
 def final_summary(final, meta: dict) -> str:
     """What a finished run left: the final validation loss and where the checkpoint is."""
     if meta.get("val_loss") is None:
-        val = "no validation loss (no validation episodes: --val-ratio 0, or --val-every 0)"
+        val = "no final validation loss (none computed: --val-ratio 0 or --val-every 0; or it was NaN/inf)"
     else:
         mse = meta.get("val_action_mse")
         val = f"final validation loss {meta['val_loss']:.4g}" + (f", action MSE {mse:.4g}" if mse is not None else "")
