@@ -8,9 +8,10 @@ first seed that completes the count, so the store's contents do not depend on th
 workers. Workers (multiprocessing, spawn) each build one env, run whole episodes and send each
 back as one message of stacked arrays; the parent appends the finished episodes in atomic batches
 every couple of seconds (a kill loses at most those seconds, never leaves half an episode) and
-records the seeds used in the store's attributes, so running
-the same command again on an existing store appends until the count is reached, continuing after
-the last seed tried. Workers are dopr.envs.worker_pool's: a worker that crashes or hangs past
+records the seeds used in the store's attributes, so running the same command again on an existing
+store appends until the count is reached, continuing after the last seed whose result was written.
+Seeds in flight at a kill, or in a batch the kill cut short, run again: the store after a kill and
+a resume equals an uninterrupted one. Workers are dopr.envs.worker_pool's: a worker that crashes or hangs past
 --episode-timeout ends the collection with the episodes finished so far kept.
 
 Each episode stores, per step t: every observation key (before the action), `state` (the
@@ -216,26 +217,43 @@ def _open_or_create(cfg: CollectConfig, spec):
                 f"resume with the same {name} or collect into a new store"
             )
     cfg.seed = recorded["seed"]
+    _settle(store)  # a batch a kill left half-written
     if cfg.horizon is not None and cfg.horizon != attrs["env_meta"]["horizon"]:
         raise ValueError(f"{cfg.out}: was collected with horizon {attrs['env_meta']['horizon']}, "
                          f"but horizon {cfg.horizon} was asked")
     return store
 
 
-def _record(store, kept: list[dict], next_seed: int, attempts: int) -> None:
-    """Write the collection bookkeeping before the kept episodes themselves are appended.
+def _write(store, kept: list[dict], next_seed: int, attempts: int) -> None:
+    """Append the kept episodes with their bookkeeping (seeds, successes, next seed, attempts) so that a
+    kill at any moment leaves attrs that say which seed each stored episode came from and where to go on:
+    1. the batch's bookkeeping goes to attrs["collect"]["pending"];
+    2. the episodes are appended (one atomic commit);
+    3. the batch moves from pending into episode_seeds, episode_success and next_seed (`_settle`).
+    A kill before 3 is settled when the store is opened again: the batch counts if its episodes are in
+    the store, and is forgotten if not, so its seeds run again, as an uninterrupted run would store them.
+    (Recording the seeds as used before appending would skip the seeds of a batch lost to a kill.)"""
+    pending = {"n_episodes": store.n_episodes + len(kept), "seeds": [int(r["seed"]) for r in kept],
+               "success": [bool(r["success"]) for r in kept], "next_seed": int(next_seed), "attempts": attempts}
+    _set_attrs(store, {"collect": {**store.attrs["collect"], "pending": pending}})
+    store.append_episodes([r["episode"] for r in kept])
+    _settle(store)
 
-    If the process dies between the two writes, the attrs list seeds the store does not have
-    episodes for; readers use the first n_episodes entries, and next_seed is past the lost ones,
-    so no seed is ever stored twice.
-    """
+
+def _settle(store) -> None:
+    """Count or forget the batch that attrs["collect"]["pending"] names (see `_write`)."""
     attrs = store.attrs
-    n = store.n_episodes
-    seeds = list(attrs.get("episode_seeds", []))[:n] + [int(r["seed"]) for r in kept]
-    success = list(attrs.get("episode_success", []))[:n] + [bool(r["success"]) for r in kept]
-    collect = dict(attrs["collect"], next_seed=int(next_seed),
-                   attempts=int(attrs["collect"].get("attempts", 0)) + attempts)
-    _set_attrs(store, {"episode_seeds": seeds, "episode_success": success, "collect": collect})
+    collect = dict(attrs["collect"])
+    pending = collect.pop("pending", None)
+    if pending is None:
+        return
+    values = {"collect": collect}
+    if store.n_episodes == pending["n_episodes"]:  # its episodes were appended
+        n = pending["n_episodes"] - len(pending["seeds"])
+        values["episode_seeds"] = list(attrs.get("episode_seeds", []))[:n] + pending["seeds"]
+        values["episode_success"] = list(attrs.get("episode_success", []))[:n] + pending["success"]
+        collect.update(next_seed=pending["next_seed"], attempts=int(collect.get("attempts", 0)) + pending["attempts"])
+    _set_attrs(store, values)
 
 
 class _Unwritten:
@@ -262,8 +280,7 @@ class _Unwritten:
         t0 = time.perf_counter()
         kept, attempts, self.kept, self.attempts = self.kept, self.attempts, [], 0  # a failed write is not retried
         if attempts:
-            _record(self.store, kept, self.next_seed, attempts)
-            self.store.append_episodes([r["episode"] for r in kept])
+            _write(self.store, kept, self.next_seed, attempts)
         self.last_flush = time.perf_counter()
         return self.last_flush - t0
 
@@ -342,7 +359,7 @@ def collect(cfg: CollectConfig) -> CollectSummary:
         summary.store_seconds += unwritten.flush()
         bar.close()
         if pool is not None:
-            pool.close()  # episodes still in flight are abandoned: their seeds stay unused
+            pool.close()  # episodes still in flight are abandoned: not recorded as used, a resumed run starts there
     # Record the default episode-level train/validation split (training reads it back; a different
     # --val-ratio or --split-seed makes training compute and announce its own).
     resolve_split(store)

@@ -11,6 +11,7 @@ _EXPORTS = {
     "checkpoint_success_rate": "dopr.eval.evaluator",
     "evaluate_policy": "dopr.eval.evaluator",
     "CheckpointMismatch": "dopr.eval.evaluator",
+    "NonFiniteActions": "dopr.eval.evaluator",
     "EvalConfig": "dopr.eval.config",
     "EvalResult": "dopr.eval.results",
     "wilson_interval": "dopr.eval.metrics",

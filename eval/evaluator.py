@@ -12,8 +12,11 @@ answer (batches padded to a fixed size, so the actions do not depend on the batc
 worker waits for the slowest one; a stochastic policy runs in lockstep rounds over all episodes.
 An episode's observation history starts as its first observation repeated To times, as the
 training windows are padded (data.SequenceSampler). A worker that dies or hangs is restarted and
-its episode recorded as failed with the error. Episode i depends only on its seed (and, for a
-stochastic policy, the sampling noise), so the same checkpoint and seeds give the same results.
+its episode recorded as failed with the error. A policy that outputs NaN or inf actions is a fault of
+the policy, not a failed episode: the evaluation stops with `NonFiniteActions` before the simulator
+gets them, and writes no success rate (the episodes finished before are kept). Episode i depends
+only on its seed (and, for a stochastic policy, the sampling noise), so the same checkpoint and
+seeds give the same results.
 """
 
 from __future__ import annotations
@@ -45,6 +48,10 @@ from dopr.eval.runs import CheckpointMeta
 
 class CheckpointMismatch(ValueError):
     """The checkpoint's recorded task / observation schema does not fit the environment."""
+
+
+class NonFiniteActions(ValueError):
+    """The policy output NaN or inf actions: its weights or normalizer hold NaN/inf, or it diverged."""
 
 
 @dataclass
@@ -271,6 +278,14 @@ def _run(policy, plan, env_spec, cfg: EvalConfig, n_exec, generator, log, tally:
         with torch.inference_mode():
             actions = policy.predict_action(batch, generator=generator)
         actions = actions[: len(rows)].detach().to("cpu", torch.float64).numpy()
+        finite = np.isfinite(actions.reshape(len(rows), -1)).all(axis=1)
+        if not finite.all():  # never drive the simulator with them: 0 successes would hide a broken policy
+            slot = slots[rows[int(np.argmin(finite))]]
+            raise NonFiniteActions(
+                f"{source}: the policy output NaN or inf actions for episode {slot.episode.index} (seed "
+                f"{slot.episode.seed}) at step {slot.steps}: its weights or normalizer hold NaN/inf, or it "
+                f"diverged on this observation. The evaluation stopped and recorded no success rate; the "
+                f"{len(tally.records)} episode(s) finished before are in {EPISODES_FILE}")
         tally.policy_s += time.perf_counter() - t0
         tally.policy_calls += 1
         return actions, not torch.equal(before, generator.get_state())

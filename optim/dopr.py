@@ -307,8 +307,9 @@ class DoPr(torch.optim.Optimizer):
         if self.skip_nonfinite:
             return None
         raise FloatingPointError(
-            f"DoPr: NaN or inf (or overflow) in {what} at step {self._step}; the weights were not updated "
-            "(pass skip_nonfinite=True to skip such steps)"
+            f"DoPr: NaN or inf (or overflow) in {what} at step {self._step}; the weights were not updated. "
+            "A NaN or inf in the training data or the loss propagates here: check the data for non-finite values, "
+            "and lower the learning rate if the loss diverged"
         )
 
     def _warn_unseen(self, block: APBlock) -> None:

@@ -121,6 +121,21 @@ def load_checkpoint_config(ckpt_dir) -> dict:
     return cfg
 
 
+def _check_policy_kind(ckpt_dir: Path, cfg: dict) -> None:
+    """config.json's policy kind must be the one meta.json and config.json's own `policy_kind` record: a kind
+    edited in one place would otherwise be built and evaluated silently (flow weights run as diffusion)."""
+    kind = cfg["policy"].kind
+    recorded = {"config.json policy_kind": cfg.get("policy_kind")}
+    if (ckpt_dir / "meta.json").is_file():
+        recorded["meta.json policy_kind"] = load_checkpoint_meta(ckpt_dir).get("policy_kind")
+    disagree = {where: k for where, k in recorded.items() if k is not None and k != kind}
+    if disagree:
+        said = ", ".join(f"{where} says {k!r}" for where, k in disagree.items())
+        raise CheckpointError(f"{ckpt_dir}: config.json's policy.kind is {kind!r} but {said}; the files disagree "
+                              f"about what these weights are (was one of {ckpt_dir / 'config.json'} or "
+                              f"{ckpt_dir / 'meta.json'} edited?)")
+
+
 def load_safetensors(path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -143,6 +158,7 @@ def load_policy(ckpt_dir, ema: bool = True, device="cpu") -> Policy:
     policy = build_policy(cfg["policy"])
     weights = ckpt_dir / ("ema.safetensors" if ema else "model.safetensors")
     load_weights(policy, weights)
+    _check_policy_kind(ckpt_dir, cfg)
     return policy.to(device).eval()
 
 

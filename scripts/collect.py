@@ -54,9 +54,8 @@ def _list_tasks_in_help(p) -> None:
 
 
 def main(args) -> int:
-    import sys
-
     from dopr.envs.collect import CollectConfig, collect
+    from dopr.scripts.errors import USER_ERRORS, user_error
 
     cfg = CollectConfig(
         task=args.task, n_episodes=args.episodes, out=args.out, workers=args.workers,
@@ -65,10 +64,8 @@ def main(args) -> int:
     )
     try:
         summary = collect(cfg)
-    except (KeyError, ValueError, RuntimeError, OSError) as err:  # bad task, store or expert; failed workers
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"dopr collect: error: {message}", file=sys.stderr)
-        return 2
+    except (*USER_ERRORS, RuntimeError) as err:  # bad task, store or expert; failed workers
+        return user_error("collect", err)
     if summary.attempts == 0:
         print(f"{summary.path}: already holds {summary.n_episodes} episodes; nothing to do")
         return 0

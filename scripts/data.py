@@ -92,14 +92,12 @@ def _add_import(cmds, name: str, action, source: tuple[str, str], **texts):
 
 
 def main(args) -> int:
-    import sys
+    from dopr.scripts.errors import USER_ERRORS, user_error
 
     try:
         return args.action(args)
-    except (ValueError, KeyError, OSError) as err:  # EpisodeStoreError is a ValueError: a bad store or file
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"dopr data: error: {message}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:  # EpisodeStoreError is a ValueError: a bad store or file
+        return user_error("data", err)
 
 
 def _fmt(x) -> str:

@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
+
+import tomllib
 
 from dopr.eval.experiment import ExperimentConfig
 from dopr.eval.experiment import __doc__ as EXPERIMENT_DOC
@@ -27,7 +31,15 @@ def add_parser(sub) -> None:
 
 
 def config_from_args(args) -> ExperimentConfig:
-    cfg = ExperimentConfig.from_file(args.config) if args.config else ExperimentConfig()
+    cfg = ExperimentConfig()
+    if args.config:
+        try:
+            cfg = ExperimentConfig.from_file(args.config)
+        except (json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
+            raise ValueError(f"{args.config}: not a valid {Path(args.config).suffix.lstrip('.') or 'JSON'} "
+                             f"file ({err})") from None
+        except TypeError as err:  # a value of the wrong kind: ExperimentConfig(**raw)
+            raise ValueError(f"{args.config}: {err}") from None
     if args.steps is not None:
         cfg.steps = {k: args.steps for k in cfg.steps}
     return from_args(ExperimentConfig, args, base=cfg)
@@ -35,6 +47,14 @@ def config_from_args(args) -> ExperimentConfig:
 
 def main(args) -> int:
     from dopr.eval.experiment import run_experiment
+    from dopr.policies import CheckpointError
+    from dopr.scripts.errors import USER_ERRORS, user_error
 
-    print(run_experiment(config_from_args(args)))
+    try:
+        table = run_experiment(config_from_args(args))
+    # bad options, config file, task or data; a collection that fell short (RuntimeError, as `dopr collect`'s),
+    # a checkpoint that does not load, DoPr's non-finite step
+    except (*USER_ERRORS, RuntimeError, CheckpointError, FloatingPointError) as err:
+        return user_error("experiment", err)
+    print(table)
     return 0

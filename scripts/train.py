@@ -28,16 +28,41 @@ def add_parser(sub) -> None:
 
 
 def main(args) -> int:
+    import os
+
+    from dopr.policies import CheckpointError, load_checkpoint_meta
+    from dopr.scripts.errors import USER_ERRORS, user_error
     from dopr.train.loop import train
 
-    cfg = from_args(TrainConfig, args)
-    evaluate = None
-    if cfg.eval_every:
-        from dopr.eval import checkpoint_success_rate
+    try:
+        cfg = from_args(TrainConfig, args)
+        evaluate = None
+        if cfg.eval_every:
+            from dopr.eval import checkpoint_success_rate
 
-        evaluate = checkpoint_success_rate(cfg)
-    train(cfg, evaluate)
+            evaluate = checkpoint_success_rate(cfg)
+        final = train(cfg, evaluate)
+    except KeyboardInterrupt:
+        print(f"\ndopr train: interrupted; `dopr train ... --out {args.out} --resume` continues from the last "
+              "checkpoint", file=sys.stderr)
+        return 130
+    # a bad store (NaN data included), path, option or checkpoint to resume; DoPr's non-finite step
+    except (*USER_ERRORS, CheckpointError, FloatingPointError) as err:
+        return user_error("train", err)
+    if os.environ.get("RANK", "0") == "0":  # torchrun: one process says it
+        print(final_summary(final, load_checkpoint_meta(final)))
     return 0
+
+
+def final_summary(final, meta: dict) -> str:
+    """What a finished run left: the final validation loss and where the checkpoint is."""
+    if meta.get("val_loss") is None:
+        val = "no final validation loss (none computed: --val-ratio 0 or --val-every 0; or it was NaN/inf)"
+    else:
+        mse = meta.get("val_action_mse")
+        val = f"final validation loss {meta['val_loss']:.4g}" + (f", action MSE {mse:.4g}" if mse is not None else "")
+        val += " (EMA weights)"
+    return f"trained {meta.get('step')} steps; {val}; checkpoint {final}"
 
 
 if __name__ == "__main__":  # torchrun -m dopr.scripts.train ...

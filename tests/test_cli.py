@@ -77,3 +77,23 @@ def test_eval_compounding_error_prints_the_shown_part(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "compounding error over 2 episodes from demonstration starts: median at step 0 " in out
     assert "(while at least 2 episodes run; success " in out
+
+
+def test_user_errors_of_train_experiment_and_data_are_one_line(tmp_path, capsys):
+    """A missing store, a file that is no store, an unknown task, a broken config file: `dopr COMMAND: error:
+    ...` in one line and exit status 2, as the other commands answer, not a traceback."""
+    (tmp_path / "notes.txt").write_text("not a store\n")
+    (tmp_path / "broken.json").write_text('{"tasks": ["lift"]\n')
+    missing, text, broken = tmp_path / "none.zarr", tmp_path / "notes.txt", tmp_path / "broken.json"
+    cases = [
+        (["train", "--data", str(missing), "--out", str(tmp_path / "run")], f"{missing}: no episode store there"),
+        (["train", "--data", str(text), "--out", str(tmp_path / "run")], f"{text}: not a zarr group"),
+        (["experiment", "--tasks", "nosuch", "--out", str(tmp_path / "exp")], "unknown task(s) ['nosuch']"),
+        (["experiment", "--config", str(broken)], f"{broken}: not a valid json file"),
+        (["data", "info", str(missing)], f"{missing}: no episode store there"),
+    ]
+    for argv, said in cases:
+        assert dopr(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"dopr {argv[0]}: error: {said}"), (argv, err)
+        assert len(err.splitlines()) == 1, err

@@ -199,3 +199,64 @@ def test_image_observations_are_stored(tmp_path):
     image = store.get_episode(0)["image"]
     assert image.dtype == np.uint8 and image.shape[1:] == (32, 32, 3)
     assert not np.array_equal(image[0], image[-1])  # the arm moved between the frames
+
+
+def _write_under_way(out) -> bool:
+    """True while the store holds episodes and its attrs name more episodes' seeds than meta/episode_ends
+    does: the collector has written a later batch's bookkeeping and not yet its episodes (read from the
+    files, as a second process sees them; a file caught mid-write reads as False)."""
+    import json
+
+    try:
+        attrs = json.loads((out / "zarr.json").read_text())["attributes"]
+        n_episodes = json.loads((out / "meta" / "episode_ends" / "zarr.json").read_text())["shape"][0]
+    except (OSError, ValueError, KeyError):
+        return False
+    pending = attrs.get("collect", {}).get("pending") or {}
+    return 0 < n_episodes < len(attrs.get("episode_seeds", [])) + len(pending.get("seeds", []))
+
+
+def test_collect_killed_while_writing_resumes_to_the_uninterrupted_store(tmp_path):
+    """SIGKILL a real `dopr collect` with 2 workers between a batch's bookkeeping and its episodes (found by
+    polling the store's files, frozen there with SIGSTOP), run the command again: the store equals an
+    uninterrupted collection's, seed for seed and value for value, and no seed in flight is skipped."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def cli(out):
+        return [sys.executable, "-m", "dopr", "collect", "--task", "reacher", "--horizon", "22", "--episodes", "200",
+                "--workers", "2", "--out", str(out)]
+
+    caught = False
+    for attempt in range(3):  # a batch's write lasts milliseconds: the poller may miss every one of a run
+        out = tmp_path / f"killed-{attempt}.zarr"
+        proc = subprocess.Popen(cli(out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.time() + 120
+            while not caught and proc.poll() is None and time.time() < deadline:
+                if _write_under_way(out):
+                    proc.send_signal(signal.SIGSTOP)
+                    time.sleep(0.05)  # stopped: the files no longer change
+                    caught = _write_under_way(out)
+                    proc.send_signal(signal.SIGKILL if caught else signal.SIGCONT)
+        finally:
+            if proc.poll() is None and not caught:
+                proc.kill()
+            proc.wait()
+        if caught:
+            break
+    assert caught, "the collector was never caught between a batch's bookkeeping and its episodes"
+    killed_at = EpisodeStore.open(out).n_episodes
+    assert 0 < killed_at < 200
+    subprocess.run(cli(out), env=env, check=True, capture_output=True, timeout=300)
+    subprocess.run(cli(tmp_path / "reference.zarr"), env=env, check=True, capture_output=True, timeout=300)
+    resumed, reference = EpisodeStore.open(out), EpisodeStore.open(tmp_path / "reference.zarr")
+    assert resumed.n_episodes == reference.n_episodes == 200
+    assert_stores_equal(resumed, reference)
+    assert resumed.attrs["episode_success"] == reference.attrs["episode_success"]
+    assert resumed.attrs["collect"] == reference.attrs["collect"]  # next seed and attempts too

@@ -245,6 +245,31 @@ def test_ctrl_c_keeps_finished_episodes(checkpoint, tmp_path):
     assert not [p for p in mp.active_children() if p.name.startswith("dopr-eval-worker")]
 
 
+def test_policy_with_nonfinite_actions_is_a_fault_not_failed_episodes(tmp_path):
+    """A real checkpoint with one NaN weight: `dopr eval` stops with one line saying the policy output NaN
+    actions (never 0 successes from a simulator driven with NaN), exit status 2, and writes no results.json."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    ckpt = _save_checkpoint(tmp_path / "ckpt-nan")
+    for name in ("model.safetensors", "ema.safetensors"):
+        weights = load_file(os.path.join(ckpt, name))
+        first = next(k for k in weights if k.endswith("weight") and weights[k].ndim == 2)
+        weights[first][0, 0] = float("nan")
+        save_file(weights, os.path.join(ckpt, name))
+    res = subprocess.run([sys.executable, "-m", "dopr", "eval", "--checkpoint", ckpt, "--episodes", "3",
+                          "--workers", "1", "--horizon", str(HORIZON), "--quiet"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert res.stderr.strip().splitlines() == [
+        f"dopr eval: error: {os.path.join(ckpt, 'meta.json')}: the policy output NaN or inf actions for episode 0 "
+        "(seed 100000) at step 0: its weights or normalizer hold NaN/inf, or it diverged on this observation. The "
+        "evaluation stopped and recorded no success rate; the 0 episode(s) finished before are in episodes.jsonl"]
+    assert not os.path.exists(os.path.join(ckpt, "eval", "results.json"))
+
+
 def test_checkpoint_of_another_task_or_schema_is_refused(tmp_path):
     from dopr.eval import CheckpointMismatch, evaluate_checkpoint
 

@@ -267,6 +267,24 @@ def test_mismatched_config_error_names_file(tmp_path):
         load_policy(ckpt)
 
 
+def test_policy_kind_edited_in_config_is_refused(tmp_path):
+    """A flow checkpoint whose config.json was edited to say diffusion loads (the UNet's weights fit both
+    kinds), so the kind recorded in meta.json and config.json's policy_kind must be checked against it."""
+    cfg = make_config("flow", down_dims=[16, 32])
+    policy = build_policy(cfg, stats_of(make_batch(cfg)))
+    ckpt = save_checkpoint(tmp_path / "ckpt", policy, policy, {}, {}, {"step": 1, "policy_kind": "flow"})
+    assert load_policy(ckpt).config.kind == "flow"
+    config = json.loads((ckpt / "config.json").read_text())
+    config["policy"]["kind"] = "diffusion"
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"policy.kind is 'diffusion'.*policy_kind says 'flow'.*meta.json"):
+        load_policy(ckpt)
+    config["policy_kind"] = "diffusion"  # edited in both places of config.json: meta.json still says flow
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"meta.json policy_kind says 'flow'"):
+        load_policy(ckpt)
+
+
 def test_loading_executes_no_code(tmp_path):
     """optimizer.pt with a pickled callable is refused (weights_only=True)."""
     from dopr.policies.checkpoint import load_train_state

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,7 +43,7 @@ def read_metrics(run_dir):
     return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_run_folder_layout_and_learning(store, tmp_path):
+def test_run_folder_layout_and_learning(store, tmp_path, capsys):
     from dopr.scripts.cli import main
 
     out = tmp_path / "run"
@@ -50,6 +51,11 @@ def test_run_folder_layout_and_learning(store, tmp_path):
                "--steps", "120", "--batch-size", "32", "--lr", "1e-3", "--val-every", "40", "--ckpt-every", "60",
                "--log-every", "20", "--threads", "1", "--no-progress"])
     assert rc == 0
+    # the end of the run says what it reached and where the checkpoint is
+    said = capsys.readouterr().out.strip().splitlines()[-1]
+    final_val = load_checkpoint_meta(out / "ckpt-final")["val_loss"]
+    assert said.startswith(f"trained 120 steps; final validation loss {final_val:.4g}, action MSE ")
+    assert said.endswith(f"checkpoint {out / 'ckpt-final'}")
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["config.json", "metrics.jsonl", "tb", "ckpt-0000060", "ckpt-0000120", "ckpt-final"])
     cfg = json.loads((out / "config.json").read_text())
@@ -79,9 +85,71 @@ def test_run_folder_layout_and_learning(store, tmp_path):
     assert act.shape == (len(val), 8, 7)
     mse = (act - batch["action"][:, 1:9]).pow(2).mean().item()
     assert mse < 0.5 * batch["action"].var(dim=0).mean().item()
-    # an existing run folder is not overwritten by accident
-    with pytest.raises(FileExistsError, match="--resume"):
-        main(["train", "--data", str(store), "--out", str(out), "--steps", "10", "--threads", "1", "--no-progress"])
+    # an existing run folder is not overwritten by accident; the user is told in one line
+    rc = main(["train", "--data", str(store), "--out", str(out), "--steps", "10", "--threads", "1", "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith(f"dopr train: error: {out}: holds checkpoints") and "--resume" in err
+    assert len(err.splitlines()) == 1
+
+
+def corrupt_copy(store, path, key: str, episode: int, step: int):
+    """A copy of `store` with one NaN in data/<key> at `step` of `episode`."""
+    import numpy as np
+
+    from dopr.data import EpisodeStore
+
+    shutil.copytree(store, path)
+    arr = EpisodeStore.open(path, mode="a").array(key)
+    start = EpisodeStore.open(path).episode_range(episode)[0]
+    row = arr[start + step]
+    row[1] = np.nan
+    arr[start + step] = row
+    return path
+
+
+def test_nonfinite_data_fails_both_arms_alike(store, tmp_path):
+    """One NaN in one action (a train episode) or one observation (a validation episode): `dopr train` stops
+    before step 0 with one line naming the store, key, episode and step, exit status 2, for AdamW and DoPr alike."""
+    from dopr.data import EpisodeStore, resolve_split
+
+    train_idx, val_idx = resolve_split(EpisodeStore.open(store), 0.1, 0)  # training's default split
+    cases = [("action", int(train_idx[2]), 7), ("object", int(val_idx[0]), 4)]
+    for key, episode, step in cases:
+        bad = corrupt_copy(store, tmp_path / f"nan-{key}.zarr", key, episode, step)
+        errors = []
+        for optim in ("adamw", "dopr-adamw"):
+            out = tmp_path / f"run-{key}-{optim}"
+            cli = [sys.executable, "-m", "dopr", "train", *train_cmd(bad, out, optim=optim)[3:]]
+            res = subprocess.run(cli, env=ENV, capture_output=True, text=True, timeout=120)
+            assert res.returncode == 2, res.stderr[-2000:]
+            errors.append(res.stderr)
+            assert not list(out.glob("ckpt-*")), "it trained on the NaN"
+        assert errors[0] == errors[1], errors  # both arms of a comparison fail the same way
+        line = errors[0].strip()
+        assert line == (f"dopr train: error: {bad}: data/{key} has NaN or inf in episode {episode} at step {step} "
+                        f"(global step {EpisodeStore.open(bad).episode_range(episode)[0] + step})"), errors[0]
+
+
+def test_metrics_log_is_strict_json(tmp_path):
+    """A NaN or inf metric (a diverged loss, a NaN validation) is written as null: every line is strict JSON,
+    also the lines kept when a resumed run rewrites the log."""
+    from dopr.train.metrics_log import MetricsLog
+
+    def strict(text):
+        def refuse(token):
+            raise ValueError(f"not JSON: {token}")
+
+        return [json.loads(line, parse_constant=refuse) for line in text.splitlines()]
+
+    log = MetricsLog(tmp_path, 0)
+    log.write({"step": 1, "train_loss": float("nan"), "val_loss": float("inf"), "lr": 1e-3})
+    log.write({"step": 2, "train_loss": 0.5, "val_loss": -float("inf")})
+    log.close()
+    assert strict((tmp_path / "metrics.jsonl").read_text()) == [
+        {"step": 1, "train_loss": None, "val_loss": None, "lr": 1e-3}, {"step": 2, "train_loss": 0.5, "val_loss": None}]
+    MetricsLog(tmp_path, 1).close()  # resumed at step 1: the kept line is rewritten
+    assert strict((tmp_path / "metrics.jsonl").read_text()) == [
+        {"step": 1, "train_loss": None, "val_loss": None, "lr": 1e-3}]
 
 
 def test_generative_policy_with_images_trains(tmp_path):

@@ -91,7 +91,7 @@ def train(cfg: TrainConfig, evaluate: Callable[[Path], float] | None = None) -> 
     import torch.distributed as dist
     from tqdm import tqdm
 
-    from dopr.data import EpisodeStore, SequenceDataset
+    from dopr.data import EpisodeStore, SequenceDataset, check_finite
     from dopr.policies.checkpoint import checkpoint_name
 
     if cfg.eval_every and evaluate is None:  # fail now, not after hours of training
@@ -114,6 +114,9 @@ def train(cfg: TrainConfig, evaluate: Callable[[Path], float] | None = None) -> 
     # --- data ---
     store = EpisodeStore.open(cfg.data, mode="r")
     cfg = resolve_defaults(cfg, store)
+    # A NaN or inf in one value would make every weight NaN (AdamW) or stop DoPr at step 0: one line naming
+    # the store, key, episode and step instead, whatever the optimizer. Train and validation episodes alike.
+    check_finite(store, [*cfg.obs_keys, "action"])
     run_dir = Path(cfg.out)
     if main_process:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
-from dopr.atomic import read_jsonl, write_text_atomic
+from dopr.atomic import json_line, read_jsonl, write_text_atomic
 
 
 class MetricsLog:
@@ -20,15 +19,15 @@ class MetricsLog:
         kept = []
         if self.path.exists():
             kept = [rec for rec in read_jsonl(self.path) if rec.get("step", 0) <= start_step]
-        write_text_atomic(self.path, "".join(json.dumps(rec) + "\n" for rec in kept))
+        write_text_atomic(self.path, "".join(map(json_line, kept)))
         self.file = open(self.path, "a")
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
 
     def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
+        self.file.write(json_line(record))  # strict JSON: a NaN loss is written as null
         self.file.flush()
         for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)) and v is not None:
+            if k != "step" and isinstance(v, (int, float)):
                 self.tb.add_scalar(k, v, record["step"])
 
     def close(self) -> None:
