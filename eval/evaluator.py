@@ -17,7 +17,7 @@ stochastic policy, the sampling noise), so the same checkpoint and seeds give th
 
 Resuming: an evaluation writes results.json (incomplete) when it starts and appends each finished
 episode to episodes.jsonl. Run again into the same folder with the same protocol (`outcome_protocol`:
-checkpoint, step, task, seeds' base, horizon, init, Ta, EMA, versions, ...), it keeps the finished
+checkpoint step, task, seeds' base, horizon, init, Ta, EMA, versions, ...), it keeps the finished
 episodes and runs only the missing seeds, so the merged result is the uninterrupted one (for a policy
 that draws noise, the resumed episodes draw other noise: still the protocol's distribution, not the
 same draws). A complete result of the same protocol is returned without running anything. A result
@@ -54,8 +54,9 @@ from dopr.eval.results import (
 from dopr.eval.rollout_worker import EnvSpec, Episode
 from dopr.eval.runs import CheckpointMeta, read_json
 
-# protocol entries that do not decide any episode's outcome: how many episodes, and how they were run
-NOT_OUTCOME = ("episodes", "seeds", "workers", "created")
+# protocol entries that do not decide any episode's outcome: how many episodes, how they were run, and where
+# the checkpoint lies (a moved experiment folder keeps its results; its step, val loss and EMA do count)
+NOT_OUTCOME = ("episodes", "seeds", "workers", "created", "checkpoint")
 
 
 class CheckpointMismatch(ValueError):
