@@ -264,8 +264,9 @@ def comparison_table(cells: list[Cell]) -> str:
                   "episodes only treatment / only baseline solved | detectable difference (80% power) | verdict |",
                   "|---|---|---|---|---|---|---|---|---|", *rows]
     if marked:
+        rest = f" than the rest ({usual} episodes per seed)" if usual is not None else ""
         lines += ["", f"{MARK} Not comparable as it stands: these cells have an incomplete evaluation or other episode "
-                  f"counts than the rest ({usual} episodes per seed); an interrupted evaluation finishes its short "
+                  f"counts{rest}; an interrupted evaluation finishes its short "
                   "(often successful) episodes first, so its rate runs high. Run the evaluation again to complete "
                   "it.", *[f"- {m}" for m in marked]]
     return "\n".join(lines)

@@ -412,47 +412,18 @@ def test_ad_hoc_eval_does_not_replace_a_result_of_another_protocol(checkpoint, r
     assert (saved["n_episodes"], saved["protocol"]["horizon"]) == (2, 10)
 
 
-def _wait_for_episodes(path, n, proc, timeout=120.0):
-    import time
-
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if proc.poll() is not None:
-            raise AssertionError(f"finished before {n} episodes were written: rc {proc.returncode}")
-        if os.path.isfile(path) and sum(1 for _ in open(path)) >= n:
-            return
-        time.sleep(0.01)
-    raise AssertionError(f"{path}: fewer than {n} episodes after {timeout} s")
-
-
-def interrupt_after_episodes(cmd, episodes_file, n) -> int:
-    """Run `cmd` as a terminal would, press Ctrl-C (SIGINT to its process group) once `episodes_file` has n
-    lines, and return its exit code."""
-    import subprocess
-
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        _wait_for_episodes(episodes_file, n, proc)
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode
-
-
 def test_dopr_eval_resumes_after_a_real_ctrl_c(checkpoint, tmp_path):
     import sys
 
     from dopr.eval import evaluate_checkpoint
     from dopr.eval.results import read_episodes
+    from tests.interrupt_helpers import ctrl_c_after_lines
 
     episodes, horizon = 24, 50  # long enough that Ctrl-C lands mid-evaluation
     out = tmp_path / "eval"
     cmd = [sys.executable, "-m", "dopr", "eval", "--checkpoint", checkpoint, "--episodes", str(episodes),
            "--horizon", str(horizon), "--out", str(out), "--quiet", "--threads", "1"]
-    assert interrupt_after_episodes(cmd, str(out / "episodes.jsonl"), 2) == 130
+    assert ctrl_c_after_lines(cmd, str(out / "episodes.jsonl"), 2) == 130
     saved = json.load(open(out / "results.json"))
     assert saved["interrupted"] and not saved["complete"] and saved["episodes_requested"] == episodes
     first = open(out / "episodes.jsonl").read().splitlines()
