@@ -73,9 +73,10 @@ def read_run(run_dir: str) -> tuple[list[CheckpointRow], list[dict], list[dict]]
         if ckpt.compounding_error is not None:
             curves.append({**ckpt.compounding_error, "run": run, "optimizer": optimizer, "ckpt_step": row.step})
         # ckpt-final usually repeats the last numbered checkpoint: keep one row per step,
-        # preferring the one that was evaluated
+        # preferring the one that was evaluated, then one whose evaluation is incomplete (so it is said)
         old = by_step.get(row.step)
-        if old is None or (old.success_rate is None and row.success_rate is not None):
+        if old is None or (old.success_rate is None and (row.success_rate is not None
+                                                         or (row.incomplete and not old.incomplete))):
             row.is_final = row.is_final or (old is not None and old.is_final)
             by_step[row.step] = row
         elif row.is_final:
