@@ -84,8 +84,9 @@ def episodes_to_keep(out_dir: str | None, protocol: dict, episodes: int, overwri
     old = read_json(path)
     count = EpisodeCount.of(old)
     before, now = outcome_protocol(old.get("protocol") or {}), outcome_protocol(protocol)
-    differ = [f"{k} {before.get(k)!r} there, {now.get(k)!r} here" for k in sorted(set(before) | set(now))
-              if before.get(k) != now.get(k)]
+    # an entry an older results.json did not record yet is not held against it
+    differ = [f"{k} {before[k]!r} there, {now[k]!r} here"
+              for k in sorted(set(before) & set(now)) if before[k] != now[k]]
     if not differ and episodes >= count.requested:
         seed_base = protocol["seed_base"]
         kept = {r["episode"]: r for r in read_episodes(out_dir)
@@ -238,6 +239,8 @@ def evaluate_policy(policy, task: str, cfg: EvalConfig | None = None, *, out_dir
     if cfg.videos and out_dir is None:
         print("videos: no output folder given, so no videos are written")
     kept = episodes_to_keep(out_dir, full_protocol, cfg.episodes, overwrite)
+    if cfg.label_with_expert:  # an episode logged without its expert-label errors (older files) runs again
+        kept = [r for r in kept if "action_errors" in r]
     plan = [ep for ep in plan if ep.index not in {r["episode"] for r in kept}]
     if kept and plan:
         print(f"{out_dir}: resuming, {len(kept)} of {cfg.episodes} episodes kept, {len(plan)} to run")
