@@ -34,7 +34,14 @@ def config_from_args(args) -> ExperimentConfig:
 
 
 def main(args) -> int:
+    import sys
+
     from dopr.eval.experiment import run_experiment
 
-    print(run_experiment(config_from_args(args)))
+    try:
+        print(run_experiment(config_from_args(args)))
+    except KeyboardInterrupt as err:
+        print(f"\ndopr experiment: interrupted ({err or 'Ctrl-C'}); run the same command again to go on from here",
+              file=sys.stderr)
+        return 130
     return 0

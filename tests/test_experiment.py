@@ -116,7 +116,7 @@ def test_ctrl_c_mid_evaluation_then_a_rerun_completes_it(tmp_path, capsys):
            "--seeds", "1", "--demos", "3", "--steps", "20", "--eval-every", "20", "--eval-episodes", str(episodes),
            "--horizon", str(horizon), "--compounding-episodes", "0", "--workers", "1", "--batch-size", "32",
            "--out", str(tmp_path)]
-    assert ctrl_c_after_lines(cmd, str(run / "ckpt-final" / "eval" / "episodes.jsonl"), 2) != 0
+    assert ctrl_c_after_lines(cmd, str(run / "ckpt-final" / "eval" / "episodes.jsonl"), 2) == 130
     first = open(run / "ckpt-final" / "eval" / "episodes.jsonl").read().splitlines()
     assert 2 <= len(first) < episodes
     table = comparison_table(cells_from_runs([str(run)]))
