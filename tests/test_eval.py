@@ -419,15 +419,16 @@ def test_dopr_eval_resumes_after_a_real_ctrl_c(checkpoint, tmp_path):
     from dopr.eval.results import read_episodes
     from tests.interrupt_helpers import ctrl_c_after_lines
 
-    episodes, horizon = 24, 50  # long enough that Ctrl-C lands mid-evaluation
+    # ~0.25 s per episode (a policy call every 2 steps): Ctrl-C after the first lands seconds before the end
+    episodes, horizon, n_exec = 16, 100, 2
     out = tmp_path / "eval"
     cmd = [sys.executable, "-m", "dopr", "eval", "--checkpoint", checkpoint, "--episodes", str(episodes),
-           "--horizon", str(horizon), "--out", str(out), "--quiet", "--threads", "1"]
-    assert ctrl_c_after_lines(cmd, str(out / "episodes.jsonl"), 2) == 130
+           "--horizon", str(horizon), "--n-action-steps", str(n_exec), "--out", str(out), "--quiet", "--threads", "1"]
+    assert ctrl_c_after_lines(cmd, str(out / "episodes.jsonl"), 1) == 130
     saved = json.load(open(out / "results.json"))
-    assert saved["interrupted"] and not saved["complete"] and saved["episodes_requested"] == episodes
+    assert saved["interrupted"] and not saved["complete"] and saved["episodes_requested"] == episodes, saved
     first = open(out / "episodes.jsonl").read().splitlines()
-    assert 2 <= len(first) < episodes
+    assert 1 <= len(first) < episodes
 
     import subprocess
 
@@ -437,7 +438,7 @@ def test_dopr_eval_resumes_after_a_real_ctrl_c(checkpoint, tmp_path):
     saved = json.load(open(out / "results.json"))
     assert saved["complete"] and saved["timing"]["episodes_run"] == episodes - len(first)
     assert open(out / "episodes.jsonl").read().splitlines()[:len(first)] == first  # not run again
-    whole = evaluate_checkpoint(checkpoint, EvalConfig(episodes=episodes, horizon=horizon, progress=False),
-                                out_dir=str(tmp_path / "uninterrupted"))
+    whole = evaluate_checkpoint(checkpoint, EvalConfig(episodes=episodes, horizon=horizon, n_action_steps=n_exec,
+                                                       progress=False), out_dir=str(tmp_path / "uninterrupted"))
     assert _fingerprint(read_episodes(str(out))) == _fingerprint(whole.episodes)
     assert saved["n_success"] == whole.n_success and saved["mean_return"] == whole.mean_return
