@@ -276,8 +276,10 @@ def evaluate_policy(policy, task: str, cfg: EvalConfig | None = None, *, out_dir
     result = _summarize(task, tally, full_protocol, interrupted, out_dir, cfg.episodes, len(tally.records) - len(kept))
     log.rewrite_sorted([{**r, **({"action_errors": tally.action_errors[r["episode"]]}
                                  if r["episode"] in tally.action_errors else {})} for r in result.episodes])
-    if out_dir is not None and plan:
-        write_json_atomic(os.path.join(out_dir, RESULTS_FILE), result.summary())
+    results_path = os.path.join(out_dir, RESULTS_FILE) if out_dir else None
+    # nothing run: the file stands, unless a kill after the last episode left it saying fewer were done
+    if results_path and (plan or EpisodeCount.of(read_json(results_path)).done != len(result.episodes)):
+        write_json_atomic(results_path, result.summary())
     if interrupted:
         raise KeyboardInterrupt(f"evaluation interrupted; {len(result.episodes)} of {cfg.episodes} episodes finished"
                                 + (f" and kept in {out_dir}: run it again to run the missing ones" if out_dir else ""))

@@ -387,6 +387,22 @@ def test_interrupted_evaluation_is_resumed_to_the_uninterrupted_result(checkpoin
     assert os.path.getmtime(tmp_path / "results.json") == mtime
 
 
+def test_a_kill_after_the_last_episode_is_completed_from_the_episodes(checkpoint, reference, tmp_path):
+    import shutil
+
+    from dopr.eval import evaluate_checkpoint
+
+    shutil.copytree(os.path.join(checkpoint, "eval"), tmp_path / "eval")
+    # killed after the last episode's line, before the final results.json: the one written at the start stands
+    saved = json.load(open(tmp_path / "eval" / "results.json"))
+    json.dump({**saved, "n_episodes": 0, "complete": False}, open(tmp_path / "eval" / "results.json", "w"))
+    again = evaluate_checkpoint(checkpoint, EvalConfig(episodes=4, horizon=HORIZON, progress=False),
+                                out_dir=str(tmp_path / "eval"))
+    assert again.timing["episodes_run"] == 0 and _fingerprint(again.episodes) == _fingerprint(reference.episodes)
+    saved = json.load(open(tmp_path / "eval" / "results.json"))
+    assert saved["complete"] and saved["n_episodes"] == 4 and saved["n_success"] == reference.n_success
+
+
 def test_ad_hoc_eval_does_not_replace_a_result_of_another_protocol(checkpoint, reference, tmp_path, capsys):
     import shutil
 
