@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 
 from dopr.eval.metrics import Z_95, wilson_interval
+from dopr.eval.results import EpisodeCount
 
 # z_{0.8}: with z_{0.975}, a difference of z_{0.975} + z_{0.8} standard errors is found 80% of the time at the 5% level
 Z_80 = 0.8416
@@ -26,6 +27,7 @@ class SeedResult:
     success: dict[int, bool]  # episode seed -> success
     val_loss: float | None
     step: int
+    count: EpisodeCount | None = None  # episodes asked and done (results.json); None: not from a results file
 
     @property
     def success_rate(self) -> float:
@@ -40,6 +42,15 @@ class Cell:
     seeds: list[SeedResult] = field(default_factory=list)
     optimizer: str = ""  # dopr.optim.build's name, e.g. "dopr-adamw"
     lr: float | None = None
+
+    def counts_note(self, usual: int | None) -> str | None:
+        """Why this cell's numbers do not stand next to the others as they are: an incomplete evaluation, or
+        episode counts that differ between its seeds or from `usual` (the table's common count); else None."""
+        counts = {s.seed: s.count or EpisodeCount(len(s.success), len(s.success)) for s in self.seeds}
+        done = {c.done for c in counts.values()}
+        if all(c.complete for c in counts.values()) and (len(done) == 1 and (usual is None or done == {usual})):
+            return None
+        return ", ".join(f"seed {seed}: {c} episodes" for seed, c in counts.items())
 
     def rates(self) -> list[float]:
         return [s.success_rate for s in self.seeds]
@@ -153,7 +164,7 @@ def cells_from_runs(run_dirs: list[str]) -> list[Cell]:
         cell = cells.setdefault(key, Cell(*key, optimizer=run.optim, lr=run.lr))
         success = {int(e["seed"]): bool(e["success"]) for e in final.episodes()}
         cell.seeds.append(SeedResult(seed=run.seed, success=success, val_loss=final.meta.val_loss,
-                                     step=final.meta.step))
+                                     step=final.meta.step, count=EpisodeCount.of(final.results)))
     return list(cells.values())
 
 
@@ -179,7 +190,7 @@ def _pooled_over_tasks(pairs: list[tuple[Cell, Cell]]) -> list[tuple[str, str, C
         groups.setdefault((t.policy, t.configuration, b.configuration), []).append((t, b))
 
     def units(c: Cell) -> list[SeedResult]:
-        return [SeedResult(f"{c.task}/{s.seed}", s.success, s.val_loss, s.step) for s in c.seeds]
+        return [SeedResult(f"{c.task}/{s.seed}", s.success, s.val_loss, s.step, s.count) for s in c.seeds]
 
     out = []
     for (policy, t_name, b_name), members in groups.items():
@@ -204,24 +215,58 @@ def comparisons(cells: list[Cell]) -> list[tuple[str, str, PairedComparison]]:
     return out
 
 
+MARK = "†"  # a cell whose episode counts differ or whose evaluation is incomplete
+
+
+def usual_episode_count(cells: list[Cell]) -> int | None:
+    """The most common episode count of the complete evaluations in the table (None when there are none)."""
+    from collections import Counter
+
+    counts = Counter(s.count.done if s.count else len(s.success) for c in cells for s in c.seeds
+                     if s.count is None or s.count.complete)
+    return counts.most_common(1)[0][0] if counts else None
+
+
 def comparison_table(cells: list[Cell]) -> str:
     """Markdown: one row per cell, then one row per paired comparison of a DoPr configuration with its
-    base optimizer (and, where the same two were compared on several tasks, one row over all of them)."""
+    base optimizer (and, where the same two were compared on several tasks, one row over all of them).
+    A cell with an incomplete evaluation, or other episode counts than the rest, is marked (MARK) and said
+    in a note under the table; so is every comparison it enters."""
+    usual = usual_episode_count(cells)
+    notes = {(c.task, c.policy, c.configuration): c.counts_note(usual) for c in cells}
     lines = ["| task | policy | optimizer | seeds | episodes/seed | success mean (sd) | pooled 95% CI "
              "| val loss mean (sd) |",
              "|---|---|---|---|---|---|---|---|"]
+    marked = []
     for c in sorted(cells, key=lambda c: (c.task, c.policy, c.configuration)):
         rm, rs = mean_sd(c.rates())
         vm, vs = mean_sd(c.val_losses())
         k, n, lo, hi = c.pooled_interval()
-        eps = n // max(1, len(c.seeds))
-        lines.append(f"| {c.task} | {c.policy} | {c.configuration} | {len(c.seeds)} | {eps} | {rm:.3f} ({rs:.3f}) | "
-                     f"{lo:.3f}-{hi:.3f} | {vm:.4g} ({vs:.2g}) |")
-    rows = [f"| {task} | {policy} | {p.treatment} - {p.baseline} | {p.n_seeds} | {p.diff:+.3f} | "
-            f"{p.ci_low:+.3f} to {p.ci_high:+.3f} | {p.only_treatment} / {p.only_baseline} | "
-            f"{p.mde:.3f} | {p.verdict()} |" for task, policy, p in comparisons(cells)]
+        eps = sorted({len(s.success) for s in c.seeds})
+        note = notes[(c.task, c.policy, c.configuration)]
+        mark = f" {MARK}" if note else ""
+        if note:
+            marked.append(f"{c.task} {c.policy} {c.configuration}: {note}")
+        lines.append(f"| {c.task} | {c.policy} | {c.configuration} | {len(c.seeds)} | "
+                     f"{'-'.join(map(str, eps))}{mark} | {rm:.3f} ({rs:.3f}){mark} | "
+                     f"{lo:.3f}-{hi:.3f}{mark} | {vm:.4g} ({vs:.2g}) |")
+    unequal = {name for name, note in notes.items() if note}
+    rows = []
+    for task, policy, p in comparisons(cells):
+        # pooled rows name several tasks: marked when any of theirs is
+        mark = f" {MARK}" if any(key[1:] in ((policy, p.treatment), (policy, p.baseline)) and key[0] in task.split("+")
+                                 for key in unequal) else ""
+        rows.append(f"| {task} | {policy} | {p.treatment} - {p.baseline} | {p.n_seeds} | {p.diff:+.3f}{mark} | "
+                    f"{p.ci_low:+.3f} to {p.ci_high:+.3f} | {p.only_treatment} / {p.only_baseline} | "
+                    f"{p.mde:.3f} | {p.verdict()}{mark} |")
     if rows:
         lines += ["", "| task | policy | paired difference | seeds | mean diff | 95% CI (t over seeds) | "
                   "episodes only treatment / only baseline solved | detectable difference (80% power) | verdict |",
                   "|---|---|---|---|---|---|---|---|---|", *rows]
+    if marked:
+        rest = f" than the rest ({usual} episodes per seed)" if usual is not None else ""
+        lines += ["", f"{MARK} Not comparable as it stands: these cells have an incomplete evaluation or other episode "
+                  f"counts{rest}; an interrupted evaluation finishes its short "
+                  "(often successful) episodes first, so its rate runs high. Run the evaluation again to complete "
+                  "it.", *[f"- {m}" for m in marked]]
     return "\n".join(lines)

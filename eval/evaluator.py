@@ -12,15 +12,25 @@ answer (batches padded to a fixed size, so the actions do not depend on the batc
 worker waits for the slowest one; a stochastic policy runs in lockstep rounds over all episodes.
 An episode's observation history starts as its first observation repeated To times, as the
 training windows are padded (data.SequenceSampler). A worker that dies or hangs is restarted and
-its episode recorded as failed with the error. A policy that outputs NaN or inf actions is a fault of
-the policy, not a failed episode: the evaluation stops with `NonFiniteActions` before the simulator
-gets them, and writes no success rate (the episodes finished before are kept). Episode i depends
-only on its seed (and, for a stochastic policy, the sampling noise), so the same checkpoint and
-seeds give the same results.
+its episode recorded as failed with the error. Episode i depends only on its seed (and, for a
+stochastic policy, the sampling noise), so the same checkpoint and seeds give the same results.
+A policy that outputs NaN or inf actions is a fault of the policy, not a failed episode: the
+evaluation stops with `NonFiniteActions` before the simulator gets them, and writes no success rate
+(the episodes finished before are kept).
+
+Resuming: an evaluation writes results.json (incomplete) when it starts and appends each finished
+episode to episodes.jsonl. Run again into the same folder with the same protocol (`outcome_protocol`:
+checkpoint step, task, seeds' base, horizon, init, Ta, EMA, versions, ...), it keeps the finished
+episodes and runs only the missing seeds, so the merged result is the uninterrupted one (for a policy
+that draws noise, the resumed episodes draw other noise: still the protocol's distribution, not the
+same draws). A complete result of the same protocol is returned without running anything. A result
+of another protocol, or of more episodes, is not replaced unless `overwrite` is given (`ResultExists`);
+an incomplete one of another protocol is started over.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import deque
@@ -31,19 +41,25 @@ from pathlib import Path
 
 import numpy as np
 
-from dopr.atomic import write_json_atomic
+from dopr.atomic import json_safe, write_json_atomic
 from dopr.envs.worker_pool import WorkerFault, WorkerPool
 from dopr.eval.config import EvalConfig
 from dopr.eval.metrics import success_stats
 from dopr.eval.results import (
     EPISODES_FILE,
     RESULTS_FILE,
+    EpisodeCount,
     EpisodeLog,
     EvalResult,
     library_versions,
+    read_episodes,
 )
 from dopr.eval.rollout_worker import EnvSpec, Episode
-from dopr.eval.runs import CheckpointMeta
+from dopr.eval.runs import CheckpointMeta, read_json
+
+# protocol entries that do not decide any episode's outcome: how many episodes, how they were run, and where
+# the checkpoint lies (a moved experiment folder keeps its results; its step, val loss and EMA do count)
+NOT_OUTCOME = ("episodes", "seeds", "workers", "created", "checkpoint")
 
 
 class CheckpointMismatch(ValueError):
@@ -52,6 +68,44 @@ class CheckpointMismatch(ValueError):
 
 class NonFiniteActions(ValueError):
     """The policy output NaN or inf actions: its weights or normalizer hold NaN/inf, or it diverged."""
+
+
+class ResultExists(ValueError):
+    """The output folder holds a result that this evaluation would replace (another protocol, or more episodes)."""
+
+
+def outcome_protocol(protocol: dict) -> dict:
+    """What decides each episode's outcome (as results.json stores it): two evaluations that agree on it
+    give the same episode for the same seed."""
+    return {k: v for k, v in json.loads(json.dumps(json_safe(protocol))).items() if k not in NOT_OUTCOME}
+
+
+def episodes_to_keep(out_dir: str | None, protocol: dict, episodes: int, overwrite: bool = False) -> list[dict]:
+    """The finished episodes of an earlier evaluation in out_dir that this one keeps: those of the same
+    outcome protocol, among its first `episodes` seeds; none when there is no earlier one, or it is
+    incomplete and of another protocol (started over). Raises ResultExists rather than replace a complete
+    result of another protocol, or shrink a result of more episodes, unless `overwrite`."""
+    path = os.path.join(out_dir, RESULTS_FILE) if out_dir else None
+    if overwrite or path is None or not os.path.isfile(path):
+        return []
+    old = read_json(path)
+    count = EpisodeCount.of(old)
+    before, now = outcome_protocol(old.get("protocol") or {}), outcome_protocol(protocol)
+    # an entry an older results.json did not record yet is not held against it
+    differ = [f"{k} {before[k]!r} there, {now[k]!r} here"
+              for k in sorted(set(before) & set(now)) if before[k] != now[k]]
+    if not differ and episodes >= count.requested:
+        seed_base = protocol["seed_base"]
+        kept = {r["episode"]: r for r in read_episodes(out_dir)
+                if r.get("episode", episodes) < episodes and r.get("seed") == seed_base + r["episode"]}
+        return [kept[i] for i in sorted(kept)]
+    if differ and not count.complete:
+        print(f"{path}: an incomplete evaluation ({count.done} of {count.requested} episodes) of another protocol "
+              f"({'; '.join(differ[:3])}): starting over")
+        return []
+    what = "; ".join(differ[:3]) if differ else f"{count.requested} episodes there, {episodes} asked here"
+    raise ResultExists(f"{path} holds {'a complete' if count.complete else 'an'} evaluation of {count.done} episodes "
+                       f"of another protocol ({what}); pass --out DIR to write elsewhere, or --overwrite to replace it")
 
 
 @dataclass
@@ -143,13 +197,14 @@ def _check_obs_shapes(obs: dict, obs_shapes: dict, task: str, source: str) -> No
 
 def evaluate_policy(policy, task: str, cfg: EvalConfig | None = None, *, out_dir: str | None = None,
                     protocol: dict | None = None, source: str = "policy",
-                    checkpoint_meta: CheckpointMeta | None = None) -> EvalResult:
+                    checkpoint_meta: CheckpointMeta | None = None, overwrite: bool = False) -> EvalResult:
     """Evaluate an in-memory Policy on `task` closed-loop; see the module docstring.
 
     The policy is moved to `cfg.device` and put in eval mode for the evaluation (its train/eval mode
     is restored afterwards). out_dir (optional) receives results.json, episodes.jsonl and videos/.
     `protocol` adds entries to the recorded protocol (evaluate_checkpoint passes the checkpoint path
-    and step); `checkpoint_meta`, the checkpoint's meta.json, is checked against the task.
+    and step); `checkpoint_meta`, the checkpoint's meta.json, is checked against the task. An earlier
+    evaluation in out_dir is resumed, reused or refused as the module docstring says.
     """
     import torch
 
@@ -183,23 +238,41 @@ def evaluate_policy(policy, task: str, cfg: EvalConfig | None = None, *, out_dir
         "seed_base": cfg.seed_base, "seeds": [cfg.seed_base, cfg.seed_base + cfg.episodes - 1],
         "episodes": cfg.episodes, "horizon": horizon, "n_obs_steps": pcfg.n_obs_steps, "n_action_steps": n_exec,
         "policy_kind": pcfg.kind, "obs_shapes": pcfg.obs_shapes, "action_dim": pcfg.action_dim,
-        "stop_on_success": cfg.stop_on_success, "workers": cfg.workers, "device": str(cfg.device),
+        "stop_on_success": cfg.stop_on_success, "label_with_expert": cfg.label_with_expert,
+        "workers": cfg.workers, "device": str(cfg.device),
         "pad_batch": cfg.pad_batch, "versions": library_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(protocol or {}),
     }
     if cfg.videos and out_dir is None:
         print("videos: no output folder given, so no videos are written")
+    kept = episodes_to_keep(out_dir, full_protocol, cfg.episodes, overwrite)
+    if cfg.label_with_expert:  # an episode logged without its expert-label errors (older files) runs again
+        kept = [r for r in kept if "action_errors" in r]
+    plan = [ep for ep in plan if ep.index not in {r["episode"] for r in kept}]
+    if kept and plan:
+        print(f"{out_dir}: resuming, {len(kept)} of {cfg.episodes} episodes kept, {len(plan)} to run")
 
     was_training = policy.training
     policy = policy.to(cfg.device).eval()
     policy.reset()
     # one generator for the sampling noise of stochastic policies (diffusion, flow): repeatable runs
     generator = torch.Generator(device=cfg.device).manual_seed(cfg.seed_base)
-    log = EpisodeLog(os.path.join(out_dir, EPISODES_FILE) if out_dir else None)
+    # a complete result of this protocol (nothing planned) is reused as it is on disk
+    log = EpisodeLog(os.path.join(out_dir, EPISODES_FILE) if out_dir and plan else None, kept)
     tally = _Tally()
+    for record in kept:
+        record = dict(record)
+        errors = record.pop("action_errors", None)
+        if errors is not None:
+            tally.action_errors[record["episode"]] = errors
+        tally.records.append(record)
     interrupted = False
     try:
-        _run(policy, plan, env_spec, cfg, n_exec, generator, log, tally, source)
+        if plan:
+            if out_dir is not None:  # what this evaluation is, and that it is not done, even if it gets killed
+                write_json_atomic(os.path.join(out_dir, RESULTS_FILE),
+                                  _summarize(task, tally, full_protocol, False, out_dir, cfg.episodes, 0).summary())
+            _run(policy, plan, env_spec, cfg, n_exec, generator, log, tally, source)
     except KeyboardInterrupt:
         interrupted = True
     except BaseException:
@@ -207,13 +280,16 @@ def evaluate_policy(policy, task: str, cfg: EvalConfig | None = None, *, out_dir
         raise
     finally:
         policy.train(was_training)
-    result = _summarize(task, tally, full_protocol, interrupted, out_dir)
-    log.rewrite_sorted(result.episodes)
-    if out_dir is not None:
-        write_json_atomic(os.path.join(out_dir, RESULTS_FILE), result.summary())
+    result = _summarize(task, tally, full_protocol, interrupted, out_dir, cfg.episodes, len(tally.records) - len(kept))
+    log.rewrite_sorted([{**r, **({"action_errors": tally.action_errors[r["episode"]]}
+                                 if r["episode"] in tally.action_errors else {})} for r in result.episodes])
+    results_path = os.path.join(out_dir, RESULTS_FILE) if out_dir else None
+    # nothing run: the file stands, unless a kill after the last episode left it saying fewer were done
+    if results_path and (plan or EpisodeCount.of(read_json(results_path)).done != len(result.episodes)):
+        write_json_atomic(results_path, result.summary())
     if interrupted:
-        raise KeyboardInterrupt(f"evaluation interrupted; {len(result.episodes)} finished episodes kept"
-                                + (f" in {out_dir}" if out_dir else ""))
+        raise KeyboardInterrupt(f"evaluation interrupted; {len(result.episodes)} of {cfg.episodes} episodes finished"
+                                + (f" and kept in {out_dir}: run it again to run the missing ones" if out_dir else ""))
     return result
 
 
@@ -254,7 +330,8 @@ def _run(policy, plan, env_spec, cfg: EvalConfig, n_exec, generator, log, tally:
         full = {"episode": ep.index, "seed": ep.seed, "demo": ep.demo_index, **record}
         full.setdefault("error", None)
         tally.records.append(full)
-        log.append(full)
+        # the line keeps the expert-label errors, so a resumed compounding-error run has every episode's
+        log.append(full if errors is None else {**full, "action_errors": errors})
         bar.update(1)
         n_ok = sum(r["success"] for r in tally.records)
         bar.set_postfix(success=f"{n_ok}/{len(tally.records)}")
@@ -368,7 +445,7 @@ def _pad_rows(x, n: int):
     return torch.cat([x, x[:1].expand(n - x.shape[0], *x.shape[1:])], dim=0)
 
 
-def _summarize(task, tally: _Tally, protocol, interrupted, out_dir) -> EvalResult:
+def _summarize(task, tally: _Tally, protocol, interrupted, out_dir, requested: int, n_run: int) -> EvalResult:
     records = sorted(tally.records, key=lambda r: r["episode"])
     stats = success_stats(records)
     end = time.perf_counter()
@@ -385,17 +462,20 @@ def _summarize(task, tally: _Tally, protocol, interrupted, out_dir) -> EvalResul
         "policy_ms_per_call": round(1000 * tally.policy_s / tally.policy_calls, 3) if tally.policy_calls else None,
         "worker_restarts": tally.restarts,
         "schedule": tally.schedule,
+        "episodes_run": n_run,  # by this invocation; the others were kept from an earlier one
     }
     return EvalResult(task=task, **vars(stats), protocol=protocol, timing=timing, interrupted=interrupted,
-                      episodes=records, out_dir=out_dir, action_errors=tally.action_errors)
+                      episodes_requested=requested, complete=len(records) >= requested, episodes=records,
+                      out_dir=out_dir, action_errors=tally.action_errors)
 
 
 def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig | None = None, *, out_dir: str | None = None,
-                        task: str | None = None, ema: bool = True) -> EvalResult:
+                        task: str | None = None, ema: bool = True, overwrite: bool = False) -> EvalResult:
     """Load a checkpoint folder and evaluate it on the task recorded in its meta.json.
 
     Results go to `out_dir` (default <checkpoint>/eval). `task` may name the task explicitly; it
-    must then match the checkpoint's. Returns the EvalResult (also written as results.json).
+    must then match the checkpoint's. Returns the EvalResult (also written as results.json). An earlier
+    evaluation there is resumed, reused or refused (ResultExists; `overwrite` replaces it): see the module.
     """
     from dopr.policies import load_policy
 
@@ -408,7 +488,8 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig | None = None, *, out_d
     policy = load_policy(checkpoint, ema=ema, device=cfg.device)
     protocol = {"checkpoint": os.path.abspath(checkpoint), "ema": ema, "step": meta.step, "val_loss": meta.val_loss}
     return evaluate_policy(policy, task, cfg, out_dir=out_dir or os.path.join(checkpoint, "eval"),
-                           protocol=protocol, source=os.path.join(checkpoint, "meta.json"), checkpoint_meta=meta)
+                           protocol=protocol, source=os.path.join(checkpoint, "meta.json"), checkpoint_meta=meta,
+                           overwrite=overwrite)
 
 
 def checkpoint_success_rate(train_cfg) -> Callable[[Path], float]:

@@ -14,8 +14,9 @@ Everything it makes lives under one folder (default out/experiment):
     table.md                                  success and validation loss per cell, paired comparisons
 
 It is resumable: demonstrations are topped up to the requested count, finished runs (a ckpt-final
-with evaluation results) are skipped, an interrupted run resumes from its latest checkpoint, and a
-final checkpoint without results is evaluated. Interrupt it at any time and run the same command again.
+with a complete evaluation of the same protocol) are skipped, an interrupted run resumes from its latest
+checkpoint, and an unfinished evaluation runs its missing episode seeds (never reused as final).
+Interrupt it at any time and run the same command again.
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def run_experiment(cfg: ExperimentConfig) -> str:
     from dopr.eval import EvalConfig, checkpoint_success_rate, evaluate_checkpoint, measure_compounding_error
     from dopr.eval.comparison import cells_from_runs, comparison_table
     from dopr.eval.report import build_report
-    from dopr.eval.results import COMPOUNDING_FILE, RESULTS_FILE
+    from dopr.eval.results import COMPOUNDING_FILE
     from dopr.train import POLICY_KINDS, train
 
     for name, values, allowed in (("task", cfg.tasks, list_tasks()), ("policy", cfg.policies, POLICY_KINDS)):
@@ -174,12 +175,14 @@ def run_experiment(cfg: ExperimentConfig) -> str:
                     run = out / "runs" / f"{task}-{policy}-{configuration.slug}-s{seed}"
                     run_dirs.append(str(run))
                     final = run / "ckpt-final"
-                    if (final / "eval" / RESULTS_FILE).exists():
-                        print(f"[experiment] {run.name}: trained and evaluated, reused", flush=True)
-                    elif final.exists():
-                        print(f"[experiment] {run.name}: evaluating the final checkpoint", flush=True)
-                        evaluate_checkpoint(str(final), EvalConfig(episodes=cfg.eval_episodes, workers=cfg.workers,
-                                                                   horizon=cfg.horizon, progress=bars))
+                    if final.exists():
+                        # the evaluation training makes (checkpoint_success_rate): reused only when complete
+                        # with this protocol; an interrupted one runs its missing episodes
+                        result = evaluate_checkpoint(str(final), EvalConfig(
+                            episodes=cfg.eval_episodes, workers=cfg.workers, horizon=cfg.horizon, progress=bars))
+                        done = ("trained and evaluated, reused" if not result.timing["episodes_run"] else
+                                f"final checkpoint evaluated ({result.timing['episodes_run']} episodes run)")
+                        print(f"[experiment] {run.name}: {done}", flush=True)
                     else:
                         resume = "latest" if any(run.glob("ckpt-*")) else None
                         print(f"[experiment] {run.name}: {'resuming' if resume else 'training'}", flush=True)

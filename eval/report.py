@@ -24,7 +24,10 @@ from dataclasses import asdict, dataclass
 from dopr.atomic import atomic_path, write_json_atomic, write_text_atomic
 from dopr.eval.compounding_error import MIN_RUNNING, shown_part
 from dopr.eval.metrics import spearman, wilson_interval
+from dopr.eval.results import EpisodeCount
 from dopr.eval.runs import is_run_folder, read_run_record
+
+MARK = "†"  # an incomplete evaluation
 
 
 @dataclass
@@ -41,6 +44,8 @@ class CheckpointRow:
     ci_low: float | None = None
     ci_high: float | None = None
     n_episodes: int | None = None
+    # an incomplete evaluation (Ctrl-C, kill) is no result: its rate is kept here, marked, and used nowhere else
+    incomplete: str | None = None  # "12 of 50 episodes, success 0.882"
     init: str | None = None
     horizon: int | None = None
     is_final: bool = False
@@ -57,7 +62,10 @@ def read_run(run_dir: str) -> tuple[list[CheckpointRow], list[dict], list[dict]]
                             checkpoint=ckpt.path, step=ckpt.meta.step, val_loss=ckpt.meta.val_loss,
                             is_final=ckpt.name == "ckpt-final")
         res = ckpt.results
-        if res is not None:
+        count = EpisodeCount.of(res) if res is not None else None
+        if count is not None and not count.complete:
+            row.incomplete = f"{count.done} of {count.requested} episodes, success {res['success_rate']:.3f}"
+        elif res is not None:
             row.success_rate, row.ci_low, row.ci_high = res["success_rate"], res["ci_low"], res["ci_high"]
             row.n_episodes = res["n_episodes"]
             row.init = res["protocol"]["init"]
@@ -65,9 +73,10 @@ def read_run(run_dir: str) -> tuple[list[CheckpointRow], list[dict], list[dict]]
         if ckpt.compounding_error is not None:
             curves.append({**ckpt.compounding_error, "run": run, "optimizer": optimizer, "ckpt_step": row.step})
         # ckpt-final usually repeats the last numbered checkpoint: keep one row per step,
-        # preferring the one that was evaluated
+        # preferring the one that was evaluated, then one whose evaluation is incomplete (so it is said)
         old = by_step.get(row.step)
-        if old is None or (old.success_rate is None and row.success_rate is not None):
+        if old is None or (old.success_rate is None and (row.success_rate is not None
+                                                         or (row.incomplete and not old.incomplete))):
             row.is_final = row.is_final or (old is not None and old.is_final)
             by_step[row.step] = row
         elif row.is_final:
@@ -377,6 +386,15 @@ def _markdown(rows, evaluated, correlations, optimizers, curves, figures) -> str
     lines.append(f"- Pooled over all {pooled['n']} evaluated checkpoints of {pooled['n_runs']} runs: "
                  f"{_fmt_rho(pooled['rho'])}, a description only (a run's checkpoints share its training history, "
                  "and training step moves both validation loss and success).")
+    incomplete = [r for r in rows if r.incomplete]
+    if incomplete:
+        lines.append(f"- {len(incomplete)} evaluation(s) are incomplete ({MARK} in the checkpoint table): left out of "
+                     "every number, figure and correlation here, since an interrupted evaluation finishes its short "
+                     "(often successful) episodes first; run the evaluation again to complete them.")
+    counts = sorted({r.n_episodes for r in evaluated})
+    if len(counts) > 1:
+        lines.append(f"- The evaluated checkpoints differ in episode count ({', '.join(map(str, counts))}): "
+                     "their success rates differ in precision, and the pooled intervals weight them by episodes.")
     finals = [r for r in rows if r.is_final]
     by_opt = defaultdict(list)
     for r in finals:
@@ -428,8 +446,11 @@ def _markdown(rows, evaluated, correlations, optimizers, curves, figures) -> str
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ci = "-" if r.ci_low is None else f"{r.ci_low:.2f}-{r.ci_high:.2f}"
+        success, episodes = _fmt(r.success_rate, '.3f'), _fmt(r.n_episodes, '')
+        if r.incomplete:
+            success, episodes = f"{MARK} incomplete, not used", f"{MARK} {r.incomplete}"
         lines.append(f"| {r.run} | {r.optimizer} | {r.policy} | {_fmt(r.seed, '')} | {_fmt(r.step, '')} | "
-                     f"{_fmt(r.val_loss)} | {_fmt(r.success_rate, '.3f')} | {ci} | {_fmt(r.n_episodes, '')} | "
+                     f"{_fmt(r.val_loss)} | {success} | {ci} | {episodes} | "
                      f"{r.init or '-'} | {_fmt(r.horizon, '')} |")
     if curves:
         lines += ["", "## Compounding error", "",

@@ -1,9 +1,12 @@
 """What an evaluation leaves on disk, and how it is written without ever leaving half a file.
 
-<out_dir>/results.json     summary + protocol (checkpoint, task, seeds, horizon, init, versions),
-                           written atomically (temp file, then rename) at the end or on Ctrl-C
+<out_dir>/results.json     summary + protocol (checkpoint, task, seeds, horizon, init, versions) and how many
+                           episodes were asked (`episodes_requested`) and done (`n_episodes`, `complete`),
+                           written atomically (temp file, then rename) at the start (incomplete, so a killed
+                           evaluation still says what it was), at the end and on Ctrl-C
 <out_dir>/episodes.jsonl   one line per finished episode, appended (and flushed) as it finishes,
-                           so an interrupted evaluation keeps every finished episode
+                           so an interrupted evaluation keeps every finished episode and a re-run of the
+                           same protocol runs only the missing episode seeds (dopr.eval.evaluator)
 <out_dir>/videos/          episode_XXXX.mp4 of the first K episodes
 By default out_dir is <checkpoint>/eval.
 """
@@ -38,6 +41,8 @@ class EvalResult:
     protocol: dict = field(default_factory=dict)  # checkpoint, seeds, horizon, init, versions, ...
     timing: dict = field(default_factory=dict)  # wall_s, env_steps_per_s, policy_ms_per_call, ...
     interrupted: bool = False
+    episodes_requested: int = 0  # the episodes asked for; n_episodes of them are done
+    complete: bool = False  # every requested episode is done: only then is the result final
     episodes: list[dict] = field(default_factory=list)  # per-episode records, in episode order
     out_dir: str | None = None
     action_errors: dict = field(default_factory=dict)  # episode -> |action - expert label| per step
@@ -50,21 +55,46 @@ class EvalResult:
         return d
 
     def describe(self) -> str:
+        partial = "" if self.complete else f" INCOMPLETE: {self.n_episodes} of {self.episodes_requested} episodes,"
         tts = "-" if self.time_to_success is None else f"{self.time_to_success:.1f}"
-        return (f"{self.task}: success {self.n_success}/{self.n_episodes} = {self.success_rate:.3f} "
+        return (f"{self.task}:{partial} success {self.n_success}/{self.n_episodes} = {self.success_rate:.3f} "
                 f"(95% CI {self.ci_low:.3f}-{self.ci_high:.3f}), mean return {self.mean_return:.3f}, "
                 f"mean length {self.mean_length:.1f}, time to success {tts}, worker faults {self.n_errors}")
 
 
-class EpisodeLog:
-    """episodes.jsonl, appended one line per finished episode (truncated when an evaluation starts)."""
+@dataclass(frozen=True)
+class EpisodeCount:
+    """How many episodes a results.json asked for and how many are done; files written before
+    `episodes_requested` existed say it as protocol["episodes"]."""
 
-    def __init__(self, path: str | None):
+    done: int
+    requested: int
+
+    @classmethod
+    def of(cls, summary: dict) -> "EpisodeCount":
+        done = int(summary["n_episodes"])
+        requested = summary.get("episodes_requested") or (summary.get("protocol") or {}).get("episodes") or done
+        return cls(done, int(requested))
+
+    @property
+    def complete(self) -> bool:
+        return self.done >= self.requested
+
+    def __str__(self) -> str:
+        return f"{self.done}" if self.complete else f"{self.done} of {self.requested} (incomplete)"
+
+
+class EpisodeLog:
+    """episodes.jsonl, appended one line per finished episode; it starts as the finished episodes an
+    evaluation keeps (none when it starts over), written in episode order."""
+
+    def __init__(self, path: str | None, kept: list[dict] = ()):
         self.path = path
         self._f = None
         if path is not None:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self._f = open(path, "w")
+            self.rewrite_sorted(list(kept))  # also drops a line a kill cut short
+            self._f = open(path, "a")
 
     def append(self, record: dict) -> None:
         if self._f is not None:

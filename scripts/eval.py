@@ -17,7 +17,10 @@ def add_parser(sub) -> None:
             "Episode i uses seed SEED_BASE+i, so the same checkpoint and seeds give the same results "
             "whatever --workers is. Writes <checkpoint>/eval/results.json (success rate with a 95% "
             "Wilson interval, protocol, versions) and episodes.jsonl (one line per episode, appended "
-            "as episodes finish, so Ctrl-C keeps them). A crashed or hung worker is restarted and its "
+            "as episodes finish, so Ctrl-C keeps them). Run the same command again after an interruption and "
+            "only the missing episodes run; a complete result of the same protocol is reused as it is. An "
+            "existing result of another protocol (other horizon, seeds, init, ..., or more episodes) is not "
+            "replaced: choose --out DIR, or --overwrite. A crashed or hung worker is restarted and its "
             "episode recorded as failed."
         ),
     )
@@ -27,6 +30,8 @@ def add_parser(sub) -> None:
                    help="horizon = this multiple of the longest demonstration in --demos "
                         "(of the task's typical expert episode without --demos), e.g. 2; not with --horizon")
     p.add_argument("--out", default=None, help="output folder (default <checkpoint>/eval)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing result of another protocol in the output folder (default: refuse)")
     p.add_argument("--no-ema", action="store_true", help="evaluate the raw weights instead of the EMA weights")
     p.add_argument("--compounding-error", action="store_true",
                    help="instead: run from the demonstrations' initial states (--demos) with the expert labelling "
@@ -75,7 +80,8 @@ def main(args) -> int:
                   f"(while at least {shown['min_running']} episodes run; success {curve['success_rate']:.3f}); "
                   f"written to {args.checkpoint}/eval/compounding_error.json")
             return 0
-        result = evaluate_checkpoint(args.checkpoint, cfg, out_dir=args.out, ema=not args.no_ema)
+        result = evaluate_checkpoint(args.checkpoint, cfg, out_dir=args.out, ema=not args.no_ema,
+                                     overwrite=args.overwrite)
     except KeyboardInterrupt as err:
         print(f"\ndopr eval: {err or 'interrupted'}", file=sys.stderr)
         return 130
@@ -84,6 +90,8 @@ def main(args) -> int:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"dopr eval: error: {message}", file=sys.stderr)
         return 2
+    if not result.timing.get("episodes_run", 1):
+        print(f"{result.out_dir}/results.json: complete with this protocol already, reused")
     print(result.describe())
     print(json.dumps(result.timing))
     videos = [e for e in result.episodes if "video" in e or "video_error" in e]

@@ -46,12 +46,18 @@ def config_from_args(args) -> ExperimentConfig:
 
 
 def main(args) -> int:
+    import sys
+
     from dopr.eval.experiment import run_experiment
     from dopr.policies import CheckpointError
     from dopr.scripts.errors import USER_ERRORS, user_error
 
     try:
         table = run_experiment(config_from_args(args))
+    except KeyboardInterrupt as err:
+        print(f"\ndopr experiment: interrupted ({err or 'Ctrl-C'}); run the same command again to go on from here",
+              file=sys.stderr)
+        return 130
     # bad options, config file, task or data; a collection that fell short (RuntimeError, as `dopr collect`'s),
     # a checkpoint that does not load, DoPr's non-finite step
     except (*USER_ERRORS, RuntimeError, CheckpointError, FloatingPointError) as err:

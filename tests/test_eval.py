@@ -372,3 +372,114 @@ def test_bench_eval_prints_rates_and_latency(capsys):
     raw, rate, ratio = float(row[1]), float(row[2]), float(row[3])
     assert raw > 0 and rate > 0 and ratio == pytest.approx(rate / raw, abs=0.01)
     assert "B=4" in out and "cpu" in out
+
+
+# ---------------------------------------------------------------------------------------------
+# interrupted evaluations are resumed, never reused as final; other protocols' results are not replaced
+
+
+def _checkpoint_protocol(checkpoint):
+    """What evaluate_checkpoint adds to the protocol, so evaluate_policy on the loaded policy evaluates the same."""
+    return {"checkpoint": os.path.abspath(checkpoint), "ema": True, "step": 100, "val_loss": 0.5}
+
+
+def test_interrupted_evaluation_is_resumed_to_the_uninterrupted_result(checkpoint, reference, tmp_path):
+    from dopr.eval import evaluate_policy
+    from dopr.policies import load_policy
+
+    cfg = EvalConfig(episodes=4, horizon=HORIZON, progress=False)
+    # one worker, 8 policy calls per episode: Ctrl-C during the second episode
+    policy = _KillingPolicy(load_policy(checkpoint), at_call=12, sig=signal.SIGINT, worker_name=None)
+    with pytest.raises(KeyboardInterrupt, match="run it again"):
+        evaluate_policy(policy, TASK, cfg, out_dir=str(tmp_path), protocol=_checkpoint_protocol(checkpoint))
+    saved = json.load(open(tmp_path / "results.json"))
+    assert (saved["n_episodes"], saved["episodes_requested"], saved["complete"]) == (1, 4, False)
+    first_line = open(tmp_path / "episodes.jsonl").readline()
+
+    resumed = evaluate_policy(load_policy(checkpoint), TASK, cfg, out_dir=str(tmp_path),
+                              protocol=_checkpoint_protocol(checkpoint))
+    assert resumed.complete and resumed.timing["episodes_run"] == 3  # only the missing seeds ran
+    assert _fingerprint(resumed.episodes) == _fingerprint(reference.episodes)
+    assert open(tmp_path / "episodes.jsonl").readline() == first_line  # the kept episode, as it was written
+    saved = json.load(open(tmp_path / "results.json"))
+    assert (saved["n_episodes"], saved["episodes_requested"], saved["complete"]) == (4, 4, True)
+
+    # complete with this protocol: returned as it is, nothing run, nothing rewritten
+    mtime = os.path.getmtime(tmp_path / "results.json")
+    again = evaluate_policy(load_policy(checkpoint), TASK, cfg, out_dir=str(tmp_path),
+                            protocol=_checkpoint_protocol(checkpoint))
+    assert again.timing["episodes_run"] == 0 and _fingerprint(again.episodes) == _fingerprint(reference.episodes)
+    assert os.path.getmtime(tmp_path / "results.json") == mtime
+
+
+def test_a_kill_after_the_last_episode_is_completed_from_the_episodes(checkpoint, reference, tmp_path):
+    import shutil
+
+    from dopr.eval import evaluate_checkpoint
+
+    shutil.copytree(os.path.join(checkpoint, "eval"), tmp_path / "eval")
+    # killed after the last episode's line, before the final results.json: the one written at the start stands
+    saved = json.load(open(tmp_path / "eval" / "results.json"))
+    json.dump({**saved, "n_episodes": 0, "complete": False}, open(tmp_path / "eval" / "results.json", "w"))
+    again = evaluate_checkpoint(checkpoint, EvalConfig(episodes=4, horizon=HORIZON, progress=False),
+                                out_dir=str(tmp_path / "eval"))
+    assert again.timing["episodes_run"] == 0 and _fingerprint(again.episodes) == _fingerprint(reference.episodes)
+    saved = json.load(open(tmp_path / "eval" / "results.json"))
+    assert saved["complete"] and saved["n_episodes"] == 4 and saved["n_success"] == reference.n_success
+
+
+def test_ad_hoc_eval_does_not_replace_a_result_of_another_protocol(checkpoint, reference, tmp_path, capsys):
+    import shutil
+
+    from dopr.scripts.cli import main
+
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(checkpoint, ckpt)  # holds the reference's complete 4-episode evaluation
+    results = os.path.join(ckpt, "eval", "results.json")
+    before = open(results).read()
+    common = ["eval", "--checkpoint", ckpt, "--quiet", "--threads", "1"]
+    for asked in (["--episodes", "2", "--horizon", str(HORIZON)], ["--episodes", "4", "--horizon", "10"]):
+        assert main(common + asked) == 2
+        err = capsys.readouterr().err
+        assert results in err and "--out DIR" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+        assert open(results).read() == before
+    assert "horizon 30 there, 10 here" in err
+    # the same protocol with more episodes extends it: only the new seeds run
+    assert main(common + ["--episodes", "5", "--horizon", str(HORIZON)]) == 0
+    saved = json.load(open(results))
+    assert (saved["n_episodes"], saved["complete"], saved["timing"]["episodes_run"]) == (5, True, 1)
+    assert main(common + ["--episodes", "2", "--horizon", "10", "--overwrite"]) == 0
+    saved = json.load(open(results))
+    assert (saved["n_episodes"], saved["protocol"]["horizon"]) == (2, 10)
+
+
+def test_dopr_eval_resumes_after_a_real_ctrl_c(checkpoint, tmp_path):
+    import sys
+
+    from dopr.eval import evaluate_checkpoint
+    from dopr.eval.results import read_episodes
+    from tests.interrupt_helpers import ctrl_c_after_lines
+
+    # ~0.25 s per episode (a policy call every 2 steps): Ctrl-C after the first lands seconds before the end
+    episodes, horizon, n_exec = 16, 100, 2
+    out = tmp_path / "eval"
+    cmd = [sys.executable, "-m", "dopr", "eval", "--checkpoint", checkpoint, "--episodes", str(episodes),
+           "--horizon", str(horizon), "--n-action-steps", str(n_exec), "--out", str(out), "--quiet", "--threads", "1"]
+    assert ctrl_c_after_lines(cmd, str(out / "episodes.jsonl"), 1) == 130
+    saved = json.load(open(out / "results.json"))
+    assert saved["interrupted"] and not saved["complete"] and saved["episodes_requested"] == episodes, saved
+    first = open(out / "episodes.jsonl").read().splitlines()
+    assert 1 <= len(first) < episodes
+
+    import subprocess
+
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert f"resuming, {len(first)} of {episodes} episodes kept" in proc.stdout
+    saved = json.load(open(out / "results.json"))
+    assert saved["complete"] and saved["timing"]["episodes_run"] == episodes - len(first)
+    assert open(out / "episodes.jsonl").read().splitlines()[:len(first)] == first  # not run again
+    whole = evaluate_checkpoint(checkpoint, EvalConfig(episodes=episodes, horizon=horizon, n_action_steps=n_exec,
+                                                       progress=False), out_dir=str(tmp_path / "uninterrupted"))
+    assert _fingerprint(read_episodes(str(out))) == _fingerprint(whole.episodes)
+    assert saved["n_success"] == whole.n_success and saved["mean_return"] == whole.mean_return

@@ -94,3 +94,45 @@ def test_experiment_configuration_specs_are_checked(spec, message):
     configuration = Configuration.parse("dopr-muon:lr=3e-4:precond_every=20:stats=ema")
     assert (configuration.optim, configuration.slug) == ("dopr-muon", "dopr-muon_lr3e-4_precond_every20_statsema")
     assert (configuration.setting("precond_every", 10), configuration.setting("damping", 0.1)) == (20, 0.1)
+
+
+def test_ctrl_c_mid_evaluation_then_a_rerun_completes_it(tmp_path, capsys):
+    """A real Ctrl-C of `dopr experiment` during the final evaluation: the table marks the incomplete cell, and
+    the same command run again evaluates only the missing episode seeds, giving the uninterrupted result."""
+    import sys
+
+    from dopr.eval import EvalConfig, evaluate_checkpoint
+    from dopr.eval.comparison import MARK, cells_from_runs, comparison_table
+    from dopr.eval.experiment import ExperimentConfig, run_experiment
+    from dopr.eval.results import read_episodes
+    from tests.interrupt_helpers import ctrl_c_after_lines
+
+    episodes, horizon = 16, 150  # long episodes: Ctrl-C after the first lands seconds before the end
+    cfg = ExperimentConfig(tasks=["reacher"], policies=["mlp"], optims=["adamw"], seeds=1, demos=3, steps={"mlp": 20},
+                           eval_every=20, eval_episodes=episodes, horizon=horizon, compounding_episodes=0, workers=1,
+                           batch_size=32, out=str(tmp_path))
+    run = tmp_path / "runs" / "reacher-mlp-adamw-s0"
+    cmd = [sys.executable, "-m", "dopr", "experiment", "--tasks", "reacher", "--policies", "mlp", "--optims", "adamw",
+           "--seeds", "1", "--demos", "3", "--steps", "20", "--eval-every", "20", "--eval-episodes", str(episodes),
+           "--horizon", str(horizon), "--compounding-episodes", "0", "--workers", "1", "--batch-size", "32",
+           "--out", str(tmp_path)]
+    assert ctrl_c_after_lines(cmd, str(run / "ckpt-final" / "eval" / "episodes.jsonl"), 1) == 130
+    first = open(run / "ckpt-final" / "eval" / "episodes.jsonl").read().splitlines()
+    assert 1 <= len(first) < episodes
+    table = comparison_table(cells_from_runs([str(run)]))
+    assert f"{len(first)} of {episodes} (incomplete)" in table
+    row = next(r for r in table.splitlines() if r.startswith("| reacher"))
+    assert row.count(MARK) == 3  # episodes, success and its interval: no plain number
+
+    table = run_experiment(cfg)
+    out = capsys.readouterr().out
+    assert f"final checkpoint evaluated ({episodes - len(first)} episodes run)" in out and "reused" not in out
+    assert MARK not in table
+    assert open(run / "ckpt-final" / "eval" / "episodes.jsonl").read().splitlines()[:len(first)] == first
+    whole = evaluate_checkpoint(str(run / "ckpt-final"), EvalConfig(episodes=episodes, horizon=horizon, progress=False),
+                                out_dir=str(tmp_path / "uninterrupted"))
+    fingerprint = [(e["seed"], e["success"], e["steps"], e["return"]) for e in whole.episodes]
+    assert [(e["seed"], e["success"], e["steps"], e["return"])
+            for e in read_episodes(str(run / "ckpt-final" / "eval"))] == fingerprint
+    # a third invocation reuses the now complete evaluation
+    assert run_experiment(cfg) == table and "trained and evaluated, reused" in capsys.readouterr().out

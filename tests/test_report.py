@@ -248,3 +248,38 @@ def test_compounding_error_shows_counts_median_and_stops_where_few_run(runs, tmp
     assert os.path.getsize(tmp_path / "out" / "compounding_error.png") > 5000
     saved = json.load(open(tmp_path / "out" / "report.json"))["compounding_error"]
     assert {c["run"] for c in saved} == {"adamw", "dopr-adamw"}
+
+
+def test_incomplete_and_unequal_evaluations_are_marked_not_mixed(runs, tmp_path):
+    """An interrupted evaluation (here as a file written before results.json said `episodes_requested`:
+    2 of 5 episodes done) is marked and left out of every number; unequal complete counts are said."""
+    from dopr.eval import EvalConfig, evaluate_checkpoint
+    from dopr.eval.comparison import MARK, cells_from_runs, comparison_table
+    from dopr.eval.report import build_report
+
+    adamw, dopr = _copies(runs, tmp_path)
+    path = os.path.join(adamw, "ckpt-final", "eval", "results.json")
+    old = json.load(open(path))
+    for key in ("episodes_requested", "complete"):
+        old.pop(key)
+    old["protocol"]["episodes"], old["interrupted"] = 5, True
+    json.dump(old, open(path, "w"))
+    # the other run's final evaluation extended from 2 to 3 episodes (the same protocol: one more seed runs)
+    extended = evaluate_checkpoint(os.path.join(dopr, "ckpt-final"), EvalConfig(episodes=3, horizon=20, progress=False))
+    assert extended.complete and extended.timing["episodes_run"] == 1
+
+    md = open(build_report([adamw, dopr], str(tmp_path / "report"))).read()
+    (row,) = [r for r in md.splitlines() if r.startswith("| adamw |") and "| 60 |" in r]
+    assert f"{MARK} incomplete, not used" in row and f"{MARK} 2 of 5 episodes" in row
+    assert "1 evaluation(s) are incomplete" in md and "differ in episode count (2, 3)" in md
+    saved = json.load(open(tmp_path / "report" / "report.json"))
+    (final,) = [r for r in saved["checkpoints"] if r["run"] == "adamw" and r["step"] == 60]
+    assert final["success_rate"] is None and final["incomplete"].startswith("2 of 5 episodes")
+    (by_opt,) = [r for r in md.splitlines() if r.startswith("| adamw | 1 |")]
+    assert by_opt.endswith("| - |")  # no mean success from an incomplete evaluation
+
+    table = comparison_table(cells_from_runs([adamw, dopr]))
+    (cell,) = [r for r in table.splitlines() if r.startswith(f"| {TASK} | mlp | adamw |")]
+    assert cell.count(MARK) == 3 and "seed 0: 2 of 5 (incomplete) episodes" in table
+    (paired,) = [r for r in table.splitlines() if "dopr-adamw - adamw" in r]
+    assert paired.endswith(f"{MARK} |")

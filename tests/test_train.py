@@ -298,3 +298,33 @@ def test_dopr_options_reach_the_optimizer(store, tmp_path):
     assert sigma_ema_layers(tmp_path / "ema", "--stats", "ema", "--precond-every", "2", "--damping", "0.3") > 0
     cfg = json.loads((tmp_path / "ema" / "config.json").read_text())
     assert (cfg["stats"], cfg["precond_every"], cfg["damping"]) == ("ema", 2, 0.3)
+
+
+def test_resume_completes_the_evaluation_a_kill_interrupted(store, tmp_path):
+    """Ctrl-C during the evaluation at step 20: the resumed run evaluates ckpt-0000020 again (the evaluator then
+    runs only its missing episodes) and logs it, instead of going on with that checkpoint half evaluated."""
+    import shutil
+
+    from dopr.train import TrainConfig, train
+
+    calls = []
+
+    def evaluate(checkpoint):  # the evaluation seam of train(); the evaluator's resume is tested in test_eval
+        calls.append(Path(checkpoint).name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return 0.25
+
+    cfg = TrainConfig(data=str(store), out=str(tmp_path), optim="adamw", steps=30, batch_size=32, eval_every=10,
+                      eval_episodes=3, threads=1, progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, evaluate)
+    resumed = TrainConfig(**{**vars(cfg), "resume": "latest"})
+    train(resumed, evaluate)
+    assert calls == ["ckpt-0000010", "ckpt-0000020", "ckpt-0000020", "ckpt-final"]
+    assert [m["step"] for m in read_metrics(tmp_path) if "eval_success_rate" in m] == [10, 20, 30]
+    # resumed from a checkpoint whose evaluation finished and was logged: not evaluated again
+    for name in ("ckpt-final", "ckpt-0000030", "ckpt-0000020"):
+        shutil.rmtree(tmp_path / name)
+    train(resumed, evaluate)
+    assert calls[4:] == ["ckpt-0000020", "ckpt-final"]

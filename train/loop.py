@@ -140,6 +140,14 @@ def train(cfg: TrainConfig, evaluate: Callable[[Path], float] | None = None) -> 
     if main_process:
         write_json_atomic(run_dir / "config.json", dataclasses.asdict(cfg))
         log = MetricsLog(run_dir, state.step)
+    if cfg.eval_every and cfg.resume and state.step and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
+        # A kill during the resumed checkpoint's evaluation left it unfinished and unlogged: complete it
+        # (the evaluation runs only its missing episodes; a complete one is reused as it is).
+        if main_process and not any(r.get("step") == state.step and "eval_success_rate" in r for r in log.kept):
+            success = float(evaluate(run_dir / checkpoint_name(state.step)))
+            log.write({"step": state.step, "eval_success_rate": success, "eval_episodes": cfg.eval_episodes})
+        if distributed:
+            dist.barrier()
 
     def save(name: str) -> Path:
         rngs = [None] * world

@@ -20,6 +20,7 @@ class MetricsLog:
         if self.path.exists():
             kept = [rec for rec in read_jsonl(self.path) if rec.get("step", 0) <= start_step]
         write_text_atomic(self.path, "".join(map(json_line, kept)))
+        self.kept = kept  # the records of the run up to the resumed step
         self.file = open(self.path, "a")
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
 
