@@ -267,7 +267,10 @@ def test_policy_with_nonfinite_actions_is_a_fault_not_failed_episodes(tmp_path):
         f"dopr eval: error: {os.path.join(ckpt, 'meta.json')}: the policy output NaN or inf actions for episode 0 "
         "(seed 100000) at step 0: its weights or normalizer hold NaN/inf, or it diverged on this observation. The "
         "evaluation stopped and recorded no success rate; the 0 episode(s) finished before are in episodes.jsonl"]
-    assert not os.path.exists(os.path.join(ckpt, "eval", "results.json"))
+    # results.json is written when an evaluation starts, marked incomplete: it must stay so, with no success rate
+    # that a report or `dopr experiment` could take for a result
+    result = json.load(open(os.path.join(ckpt, "eval", "results.json")))
+    assert result["complete"] is False and result["n_episodes"] == 0
 
 
 def test_checkpoint_of_another_task_or_schema_is_refused(tmp_path):
