@@ -397,7 +397,9 @@ class DoPr(torch.optim.Optimizer):
     def _apply_base(self, updates: dict[int, torch.Tensor]) -> None:
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
-            g = [updates.get(id(p), p.grad) for p in params]
+            # contiguous: M's weight part is a column slice of [M_w | m_b], and torch's fused AdamW kernel reads a
+            # strided gradient as if it were dense (it scrambled every weight update of a layer with a bias)
+            g = [updates.get(id(p), p.grad).contiguous() for p in params]
             states = [self.state[p] for p in params]
             kind, lr, wd = group["kind"], group["lr"], group["weight_decay"]
             if kind == "adamw":

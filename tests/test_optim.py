@@ -377,3 +377,26 @@ def test_hooks_are_attached_only_on_steps_that_record():
             opt.step()
             assert len(model[0]._forward_hooks) == 0
     torch.testing.assert_close(opt.state[model[0].weight]["ap_inverse"], kept, rtol=0, atol=0)
+
+
+def test_dopr_adamw_first_step_is_minus_lr_sign_of_the_preconditioned_gradient():
+    """The whole step, not only M: Adam's first step is -lr * sign(M) elementwise. Fails if the base optimizer
+    reads M's weight part (a strided column slice of [M_w | m_b]) as dense memory, as the fused kernel did."""
+    from torch import nn
+
+    from dopr.optim import build
+
+    torch.manual_seed(0)
+    x, y = torch.randn(256, 20), torch.randn(256, 7)
+    model = nn.Sequential(nn.Linear(20, 64), nn.Mish(), nn.Linear(64, 7))
+    opt = build("dopr-adamw", model, lr=1e-2, weight_decay=0.0)
+    w0 = model[0].weight.detach().clone()
+    ((model(x) - y) ** 2).mean().backward()
+    g = torch.cat([model[0].weight.grad, model[0].bias.grad[:, None]], 1).double()
+    z = torch.cat([x, torch.ones(256, 1)], 1).double()
+    sigma = z.T @ z / 256
+    m = g @ torch.linalg.inv(sigma + 0.1 * torch.trace(sigma) * torch.eye(21, dtype=torch.float64))
+    opt.step()
+    step = (model[0].weight.detach() - w0).double()
+    expected = -1e-2 * torch.sign(m[:, :20])
+    assert torch.nn.functional.cosine_similarity(step.flatten(), expected.flatten(), dim=0) > 0.999
