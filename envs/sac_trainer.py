@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dopr.atomic import json_line
+from dopr.atomic import json_line, json_safe
 
 RL_EXTRA = 'pip install -e ".[rl]"'
 # the replay-buffer fields of stable-baselines3's ReplayBuffer that hold transitions
@@ -125,7 +125,7 @@ def _save_state(model, vec_env, folder: Path) -> None:
     for name in BUFFER_FIELDS:
         np.save(tmp / f"replay_{name}.npy", getattr(rb, name)[:n])
     env = vec_env.envs[0].unwrapped
-    rng = dict(python=_jsonable(random.getstate()), numpy=_jsonable(np.random.get_state()),
+    rng = dict(python=json_safe(random.getstate()), numpy=json_safe(np.random.get_state()),
                torch=torch.get_rng_state().tolist(), env=env.np_random.bit_generator.state,
                action_space=model.action_space.np_random.bit_generator.state,
                replay=dict(pos=int(rb.pos), full=bool(rb.full)))
@@ -160,14 +160,6 @@ def _load_state(folder: Path, vec_env):
     # the simulator's mid-episode state is not saved: start a new episode on resume
     model._last_obs = None
     return model
-
-
-def _jsonable(x):
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, (tuple, list)):
-        return [_jsonable(v) for v in x]
-    return x
 
 
 def _python_state(x):
@@ -226,7 +218,7 @@ def train_sac_expert(config: SACConfig, out: str | Path, progress: bool = True) 
     if saved.exists():
         before = json.loads(saved.read_text())
         changed = {k: (before.get(k), v) for k, v in asdict(config).items()
-                   if k not in ("steps", "chunk_steps", "eval_episodes", "threads") and before.get(k) != _jsonable(v)}
+                   if k not in ("steps", "chunk_steps", "eval_episodes", "threads") and before.get(k) != json_safe(v)}
         if changed:
             raise SystemExit(f"{out}: already holds a run with other settings {changed} (was, now); "
                              "choose another --out or the same settings")
