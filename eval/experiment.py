@@ -236,7 +236,7 @@ def run_experiment(cfg: ExperimentConfig) -> str:
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(runs)} runs failed after {cfg.retries + 1} attempt(s) each, "
                            f"the table and report leave them out: " +
-                           "; ".join(f"{name}: {why}" for name, why in failed.items()) +
+                           "; ".join(f"{name}: {why.rstrip('.')}" for name, why in failed.items()) +
                            ". Run the same command again to go on from their latest checkpoints")
     return table
 
