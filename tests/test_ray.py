@@ -7,6 +7,7 @@ needs the ray extra): python -m pytest -q -m ray
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -19,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from dopr.ray_cluster import LOOPBACK_ONLY
 from tests import test_eval
 from tests.test_eval import HORIZON, TASK, _fingerprint, _KillingPolicy, _NoiseDrawingPolicy
 
@@ -36,12 +36,15 @@ def _short_temp_dir() -> str:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    os.environ.setdefault(LOOPBACK_ONLY, "0")  # read when ray is imported
-    ray = pytest.importorskip("ray", reason='needs the ray extra: pip install -e ".[ray]"')
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=_short_temp_dir(), log_to_driver=True)
-    assert ray.util.get_node_ip_address() == "127.0.0.1"
-    yield ray
-    ray.shutdown()
+    """The local Ray that `--backend ray` starts without --address (dopr.ray_cluster), in this test's own temp dir."""
+    if importlib.util.find_spec("ray") is None:  # not imported here: ray_session sets what Ray reads at import
+        pytest.skip('needs the ray extra: pip install -e ".[ray]"')
+    from dopr.ray_cluster import ray_session
+
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_TMPDIR", _short_temp_dir())
+        with ray_session(num_cpus=2) as ray:
+            yield ray
 
 
 def _processes() -> dict[int, tuple[int, str]]:
@@ -82,6 +85,16 @@ def _gone(pid: int, timeout: float = 20.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+@ray_marked
+def test_local_ray_listens_on_loopback_and_runs_workers_at_our_priority(local_ray):
+    @local_ray.remote
+    def priority():
+        return os.nice(0)
+
+    assert local_ray.util.get_node_ip_address() == "127.0.0.1"
+    assert local_ray.get(priority.remote()) == os.nice(0)
 
 
 # ---------------------------------------------------------------------------------------------
