@@ -4,14 +4,17 @@ Each entry of --optims is a configuration being compared: an optimizer, optional
 after colons, e.g. `adamw:lr=1e-3,dopr-adamw:lr=1e-3,dopr-adamw:lr=1e-3:damping=0.3:stats=ema`
 (lr, weight_decay, damping, damping_mode, stats, precond_every, conv; a configuration's settings override the
 flags of the same name). DoPr
-configurations are compared, paired, with that of their base optimizer at the same lr (else its first one).
+configurations are compared, paired, with that of their base optimizer at the same lr (else its first one), by
+the task's primary metric (success; mean return for the locomotion tasks), on each run's final checkpoint and, with
+eval_every below the training steps, also on its best evaluated one (dopr.eval.comparison).
 
 Everything it makes lives under one folder (default out/experiment):
 
     demos/<task>-<n>.zarr                     demonstrations, shared by every run of a task
     runs/<task>-<policy>-<config>-s<seed>/    one training run, evaluated at every checkpoint
     report/report.md, *.png                   the TTF report over all runs
-    table.md                                  success and validation loss per cell, paired comparisons
+    table.md                                  success (return, for locomotion tasks) and validation loss per
+                                              cell, paired comparisons, on final and best checkpoints
 
 It is resumable: demonstrations are topped up to the requested count, finished runs (a ckpt-final
 with a complete evaluation of the same protocol) are skipped, an interrupted run resumes from its latest

@@ -56,6 +56,9 @@ def test_success_stats_of_episode_records():
     assert (s.n_episodes, s.n_success, s.n_errors) == (4, 2, 1)
     assert s.success_rate == 0.5
     assert s.mean_return == pytest.approx(-0.125)
+    # returns 1, -2, 0.5, 0: squared deviations from -0.125 sum to 5.1875; t_0.975 at 3 degrees of freedom is 3.182
+    half = 3.182446 * math.sqrt(5.1875 / 3) / 2
+    assert (s.return_ci_low, s.return_ci_high) == pytest.approx((-0.125 - half, -0.125 + half), rel=1e-6)
     assert s.mean_length == pytest.approx(16.0)
     assert s.time_to_success == pytest.approx(15.0)  # over the successful episodes only
     assert (s.ci_low, s.ci_high) == wilson_interval(2, 4)
@@ -150,6 +153,12 @@ def test_results_files_record_protocol_and_episodes(checkpoint, reference):
     assert all(e["steps"] == HORIZON and e["error"] is None for e in lines)  # a random policy never succeeds
     assert saved["success_rate"] == reference.success_rate == 0.0
     assert saved["mean_return"] == pytest.approx(np.mean([e["return"] for e in lines]))
+    # its 95% t interval, and the printed summary says it
+    half = 3.182446 * np.std([e["return"] for e in lines], ddof=1) / 2
+    assert (saved["return_ci_low"], saved["return_ci_high"]) == pytest.approx(
+        (saved["mean_return"] - half, saved["mean_return"] + half), rel=1e-6)
+    assert (f"mean return {reference.mean_return:.3f} (95% t CI {reference.return_ci_low:.3f} to "
+            f"{reference.return_ci_high:.3f})") in reference.describe()
     # different seeds give different episodes (the initial states really come from the seeds)
     assert len({e["return"] for e in lines}) == 4
 
