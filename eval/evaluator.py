@@ -97,7 +97,7 @@ def episodes_to_keep(out_dir: str | None, protocol: dict, episodes: int, overwri
     old = read_json(path)
     count = EpisodeCount.of(old)
     before, now = {**ADDED_LATER, **outcome_protocol(old.get("protocol") or {})}, outcome_protocol(protocol)
-    # an entry an older results.json did not record yet is not held against it
+    # an entry an older results.json did not record yet is not held against it (ADDED_LATER's mean their old value)
     differ = [f"{k} {before[k]!r} there, {now[k]!r} here"
               for k in sorted(set(before) & set(now)) if before[k] != now[k]]
     if not differ and episodes >= count.requested:
