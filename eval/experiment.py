@@ -74,6 +74,10 @@ class ExperimentConfig:
     # oversubscribed OpenMP pool is catastrophic (a 256x3 MLP step measured 13 ms on 1 thread, 470 ms on 2
     # threads with one other busy process on 2 cores).
     threads: int = reuse(TrainConfig, "threads", 1)
+    eval_videos: int = reuse(TrainConfig, "eval_videos")
+    wandb: bool = reuse(TrainConfig, "wandb")  # one wandb run per training run, grouped by the experiment folder
+    wandb_project: str | None = reuse(TrainConfig, "wandb_project")
+    wandb_mode: str | None = reuse(TrainConfig, "wandb_mode")
     out: str = option("out/experiment", "experiment folder (default %(default)s)")
     demos_dir: str | None = option(
         None, "folder of demonstration stores to share between experiments (default OUT/demos)")
@@ -146,7 +150,7 @@ def run_experiment(cfg: ExperimentConfig) -> str:
 
     from dopr.envs import list_tasks
     from dopr.envs.collect import CollectConfig, collect
-    from dopr.eval import EvalConfig, checkpoint_success_rate, evaluate_checkpoint, measure_compounding_error
+    from dopr.eval import EvalConfig, checkpoint_evaluation, evaluate_checkpoint, measure_compounding_error
     from dopr.eval.comparison import cells_from_runs, comparison_table
     from dopr.eval.report import build_report
     from dopr.eval.results import COMPOUNDING_FILE
@@ -157,6 +161,10 @@ def run_experiment(cfg: ExperimentConfig) -> str:
         if bad:
             raise ValueError(f"unknown {name}(s) {bad}; choose from {list(allowed)}")
     configurations = [Configuration.parse(spec) for spec in cfg.optims]
+    if cfg.wandb:  # a missing extra is said now, not after the collection
+        from dopr.lazy import require
+
+        require("wandb", "wandb", "--wandb")
     clash = sorted(slug for slug, n in Counter(c.slug for c in configurations).items() if n > 1)
     if clash:
         raise ValueError(f"--optims names the same configuration twice: {clash}")
@@ -179,7 +187,7 @@ def run_experiment(cfg: ExperimentConfig) -> str:
                     run_dirs.append(str(run))
                     final = run / "ckpt-final"
                     if final.exists():
-                        # the evaluation training makes (checkpoint_success_rate): reused only when complete
+                        # the evaluation training makes (checkpoint_evaluation): reused only when complete
                         # with this protocol; an interrupted one runs its missing episodes
                         result = evaluate_checkpoint(str(final), EvalConfig(
                             episodes=cfg.eval_episodes, workers=cfg.workers, horizon=cfg.horizon, progress=bars))
@@ -197,9 +205,11 @@ def run_experiment(cfg: ExperimentConfig) -> str:
                             **{key: configuration.setting(key, getattr(cfg, key)) for key in SETTINGS},
                             val_every=cfg.eval_every, ckpt_every=cfg.eval_every,
                             eval_every=cfg.eval_every, eval_episodes=cfg.eval_episodes, eval_workers=cfg.workers,
-                            eval_horizon=cfg.horizon, resume=resume, progress=bars,
+                            eval_horizon=cfg.horizon, eval_videos=cfg.eval_videos, resume=resume, progress=bars,
+                            wandb=cfg.wandb, wandb_project=cfg.wandb_project, wandb_mode=cfg.wandb_mode,
+                            wandb_group=out.resolve().name,
                         )
-                        train(train_cfg, checkpoint_success_rate(train_cfg))
+                        train(train_cfg, checkpoint_evaluation(train_cfg))
                     # The compounding-error curve: the final policy from the demonstrations' start states,
                     # its actions against the expert's labels in the states it reaches.
                     if cfg.compounding_episodes and not (final / "eval" / COMPOUNDING_FILE).exists():

@@ -495,3 +495,79 @@ def test_dopr_eval_resumes_after_a_real_ctrl_c(checkpoint, tmp_path):
                                                        progress=False), out_dir=str(tmp_path / "uninterrupted"))
     assert _fingerprint(read_episodes(str(out))) == _fingerprint(whole.episodes)
     assert saved["n_success"] == whole.n_success and saved["mean_return"] == whole.mean_return
+
+
+# ---------------------------------------------------------------------------------------------
+# temporal ensembling (ACT's): one implementation, dopr.temporal_ensemble, shared with dopr.deploy.runtime
+
+
+def _run_worker(spec, chunks):
+    """A rollout worker in this process (what an evaluation worker process runs): reset, then one act per chunk."""
+    from dopr.eval.rollout_worker import Episode
+
+    worker = spec.build()
+    worker.reset(Episode(index=0, seed=3))
+    return [worker.act(np.asarray(chunk), keep_last=1) for chunk in chunks]
+
+
+def test_temporal_ensembling_executes_the_hand_computed_weighted_average():
+    from dopr.eval.rollout_worker import EnvSpec
+
+    decay, Ta, ticks = 0.3, 3, 6
+    chunks = np.random.default_rng(0).uniform(-1, 1, (ticks, Ta, 2))  # reacher: 2 joint torques
+    # tick t: row t-s of every chunk s still covering t (t-s < Ta), weighted exp(-decay j) with j = 0 the oldest
+    blended = []
+    for t in range(ticks):
+        covering = [s for s in range(t + 1) if t - s < Ta]
+        w = [math.exp(-decay * j) for j in range(len(covering))]
+        blended.append(sum(wj * chunks[s][t - s] for wj, s in zip(w, covering)) / sum(w))
+    ensembled = _run_worker(EnvSpec(TASK, horizon=HORIZON, temporal_ensemble=decay), chunks)
+    executed = _run_worker(EnvSpec(TASK, horizon=HORIZON), [a[None] for a in blended])  # the blends, one per call
+    assert [r["steps"] for r in ensembled] == list(range(1, ticks + 1))  # one action per chunk
+    for got, want in zip(ensembled, executed):
+        np.testing.assert_allclose(got["obs"][-1]["observation"], want["obs"][-1]["observation"], rtol=0, atol=1e-9)
+    # and not what receding horizon would have run (each chunk's first row)
+    first_rows = _run_worker(EnvSpec(TASK, horizon=HORIZON), chunks[:, :1])
+    assert not np.allclose(first_rows[-1]["obs"][-1]["observation"], executed[-1]["obs"][-1]["observation"])
+
+
+def test_evaluator_ensembles_every_control_step(checkpoint, tmp_path):
+    from dopr.eval import evaluate_checkpoint
+
+    def run(name, **kw):
+        return evaluate_checkpoint(checkpoint, EvalConfig(episodes=2, horizon=HORIZON, progress=False, **kw),
+                                   out_dir=str(tmp_path / name))
+
+    ensembled = run("te", temporal_ensemble=0.1)
+    assert ensembled.protocol["temporal_ensemble"] == 0.1 and ensembled.protocol["n_action_steps"] == 4
+    assert ensembled.timing["policy_calls"] == ensembled.timing["env_steps"] == 2 * HORIZON  # a call per step
+    # one-row chunks: the blend of one row is that row, so it is receding horizon with Ta = 1
+    one_row = run("te1", temporal_ensemble=0.1, n_action_steps=1)
+    assert _fingerprint(one_row.episodes) == _fingerprint(run("rh1", n_action_steps=1).episodes)
+    assert _fingerprint(ensembled.episodes) != _fingerprint(run("rh", n_action_steps=1).episodes)
+
+
+def test_dopr_eval_temporal_ensemble_is_a_protocol_of_its_own(checkpoint, reference, tmp_path, capsys):
+    import shutil
+
+    from dopr.scripts.cli import main
+
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(checkpoint, ckpt)  # holds the reference's complete receding-horizon evaluation
+    results = os.path.join(ckpt, "eval", "results.json")
+    common = ["eval", "--checkpoint", ckpt, "--episodes", "4", "--horizon", str(HORIZON), "--quiet", "--threads", "1"]
+    # a results.json written before the option existed: no entry, which means without ensembling
+    saved = json.load(open(results))
+    del saved["protocol"]["temporal_ensemble"]
+    json.dump(saved, open(results, "w"))
+    assert main(common + ["--temporal-ensemble", "0.1"]) == 2
+    assert "temporal_ensemble None there, 0.1 here" in capsys.readouterr().err
+    assert main(common) == 0 and "reused" in capsys.readouterr().out  # the same protocol as before
+
+    out = str(tmp_path / "te")
+    assert main(common + ["--temporal-ensemble", "0.1", "--out", out]) == 0
+    saved = json.load(open(os.path.join(out, "results.json")))
+    assert saved["complete"] and saved["protocol"]["temporal_ensemble"] == 0.1
+    assert saved["timing"]["policy_calls"] == saved["timing"]["env_steps"] == 4 * HORIZON
+    assert main(common + ["--out", out]) == 2  # receding horizon is not merged into it
+    assert "temporal_ensemble 0.1 there, None here" in capsys.readouterr().err
