@@ -95,6 +95,18 @@ def _hand_rho(pts):
     return 1 - 6 * np.sum(d * d) / (n * (n * n - 1))  # no ties
 
 
+
+def _assert_rho_over_independent_runs(saved, text, points, steps):
+    """rho (hand-computed) over 4 runs' final checkpoints, with a p-value, and within each step."""
+    rho = _hand_rho([p for p in points if p[3] == steps[-1]])
+    assert saved["final"]["all runs"]["rho"] == pytest.approx(rho) and saved["final"]["all runs"]["n"] == 4
+    assert 0 < saved["final"]["all runs"]["p_value"] <= 1
+    assert f"| all runs | final checkpoint of each run | {rho:+.3f} |" in text
+    for step in steps:
+        rho = _hand_rho([p for p in points if p[3] == step])
+        assert saved["within_step"][str(step)]["rho"] == pytest.approx(rho)
+        assert f"| all runs | step {step}, one checkpoint per run | {rho:+.3f} |" in text
+
 def _write_successes(run_dirs, chosen, n=20, ckpts=("ckpt-0000020", "ckpt-0000040", "ckpt-final")):
     """results.json and episodes.jsonl of each run's checkpoints, written by the evaluator's own code, with the
     chosen number of successes out of n episodes: {run name: (k at ckpts[0], ...)}. Returns (run, val loss,
@@ -178,15 +190,8 @@ def test_report_correlations_match_hand_computed(runs, tmp_path):
     assert len({p[1] for p in points}) == 12 and len({p[2] for p in points}) == 12
 
     # independent units: the runs' final checkpoints, and the runs' checkpoints at one step
+    _assert_rho_over_independent_runs(saved, md, points, steps=(20, 40, 60))
     finals = [p for p in points if p[3] == 60]
-    rho = _hand_rho(finals)
-    assert saved["final"]["all runs"]["rho"] == pytest.approx(rho) and saved["final"]["all runs"]["n"] == 4
-    assert 0 < saved["final"]["all runs"]["p_value"] <= 1
-    assert f"| all runs | final checkpoint of each run | {rho:+.3f} |" in md
-    for step in (20, 40, 60):
-        rho = _hand_rho([p for p in points if p[3] == step])
-        assert saved["within_step"][str(step)]["rho"] == pytest.approx(rho)
-        assert f"| all runs | step {step}, one checkpoint per run | {rho:+.3f} |" in md
     for opt in OPTIMIZERS:  # two runs each: too few for a rank correlation
         assert saved["final"][opt]["n"] == 2 and saved["final"][opt]["rho"] is None  # NaN is written as null
         assert f"| {opt} | final checkpoint of each run | - | - | 2 |" in md
@@ -308,14 +313,7 @@ def test_return_task_report_correlations_match_hand_computed(tmp_path):
     section = md[md.index("## Spearman rank correlation, validation loss vs return (hopper)"):]
     section = section[:section.index("\n## ")]
 
-    rho = _hand_rho([p for p in points if p[3] == 3000])
-    assert saved["final"]["all runs"]["rho"] == pytest.approx(rho) and saved["final"]["all runs"]["n"] == 4
-    assert 0 < saved["final"]["all runs"]["p_value"] <= 1
-    assert f"| all runs | final checkpoint of each run | {rho:+.3f} |" in section
-    for step in (1000, 2000, 3000):
-        rho = _hand_rho([p for p in points if p[3] == step])
-        assert saved["within_step"][str(step)]["rho"] == pytest.approx(rho)
-        assert f"| all runs | step {step}, one checkpoint per run | {rho:+.3f} |" in section
+    _assert_rho_over_independent_runs(saved, section, points, steps=(1000, 2000, 3000))
     rho = _hand_rho(points)
     assert saved["pooled_checkpoints"]["rho"] == pytest.approx(rho) and saved["pooled_checkpoints"]["p_value"] is None
     assert f"| all checkpoints (descriptive) | every evaluated checkpoint of 4 runs, steps mixed | {rho:+.3f} | - " \
