@@ -26,6 +26,23 @@ class WorkerFault(Exception):
     """A worker died, hung past its deadline, or raised inside the simulator."""
 
 
+def simulator_error(traceback_text: str) -> WorkerFault:
+    """An exception raised inside a worker's simulator: its last line (the exception) first, then the traceback."""
+    return WorkerFault(traceback_text.strip().splitlines()[-1] + "\n" + traceback_text)
+
+
+def open_pool(n_workers: int, spec, name: str, backend: str = "local", address: str | None = None):
+    """The workers of one collection or evaluation: local processes (WorkerPool), or Ray actors on the cluster
+    at `address` (dopr.envs.ray_pool.RayWorkerPool; a new local Ray without one). Both answer the same commands."""
+    if backend == "ray":
+        from dopr.envs.ray_pool import RayWorkerPool
+
+        return RayWorkerPool(n_workers, spec, name=name, address=address)
+    if backend != "local":
+        raise ValueError(f"backend must be 'local' or 'ray', got {backend!r}")
+    return WorkerPool(n_workers, spec, name=name)
+
+
 @contextlib.contextmanager
 def _one_thread_each():
     """Set for the spawn: numpy and torch read these variables when they load in the worker."""
@@ -166,7 +183,7 @@ class WorkerPool:
                 if status == "ok":
                     replies[i] = payload
                 else:  # an exception inside the simulator: the worker lives, the episode failed
-                    replies[i] = WorkerFault(payload.strip().splitlines()[-1] + "\n" + payload)
+                    replies[i] = simulator_error(payload)
             now = time.monotonic()
             for conn, i in list(waiting.items()):
                 if now >= deadlines[i]:

@@ -14,7 +14,12 @@ DEFAULT_SEED_BASE = 100_000  # far from the seeds demonstrations are collected w
 @dataclass
 class EvalConfig:
     episodes: int = option(50, "number of episodes (default %(default)s)")
-    workers: int = option(1, "simulator worker processes (default %(default)s)")
+    workers: int = option(1, "simulator worker processes, or Ray actors with --backend ray (default %(default)s)")
+    backend: str = option("local", "where the simulators run: local worker processes, or Ray actors (one "
+                                   "simulator each, on a new local Ray or the cluster at --address; needs the "
+                                   "ray extra) (default %(default)s)", choices=("local", "ray"))
+    address: str | None = option(None, "with --backend ray: the Ray cluster to join, auto (the one `ray start` "
+                                       "made on this machine) or HOST:PORT (default: start a local Ray)")
     device: str = option("cpu", "device the policy runs on: cpu, cuda, cuda:1 (default %(default)s)")
     seed_base: int = option(DEFAULT_SEED_BASE, "episode i uses seed SEED_BASE+i (default %(default)s)")
     horizon: int | None = option(None, "episode length limit (default: the task's horizon)")
@@ -48,6 +53,8 @@ class EvalConfig:
             raise ValueError(f"init must be 'random' or 'demos', got {self.init!r}")
         if self.episodes < 1:
             raise ValueError(f"episodes must be >= 1, got {self.episodes}")
+        if self.backend not in ("local", "ray"):
+            raise ValueError(f"backend must be 'local' or 'ray', got {self.backend!r}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1 (simulator processes), got {self.workers}")
         if self.temporal_ensemble is not None and not math.isfinite(self.temporal_ensemble):

@@ -17,6 +17,8 @@ An episode's observation history starts as its first observation repeated To tim
 training windows are padded (data.SequenceSampler). A worker that dies or hangs is restarted and
 its episode recorded as failed with the error. Episode i depends only on its seed (and, for a
 stochastic policy, the sampling noise), so the same checkpoint and seeds give the same results.
+The workers are local processes, or Ray actors across a cluster (`backend="ray"`, dopr.envs.ray_pool):
+the policy stays here and the round is the same, so both give the same episodes.
 A policy that outputs NaN or inf actions is a fault of the policy, not a failed episode: the
 evaluation stops with `NonFiniteActions` before the simulator gets them, and writes no success rate
 (the episodes finished before are kept).
@@ -45,7 +47,7 @@ from pathlib import Path
 import numpy as np
 
 from dopr.atomic import json_safe, write_json_atomic
-from dopr.envs.worker_pool import WorkerFault, WorkerPool
+from dopr.envs.worker_pool import WorkerFault, open_pool
 from dopr.eval.config import EvalConfig
 from dopr.eval.metrics import success_stats
 from dopr.eval.results import (
@@ -62,7 +64,7 @@ from dopr.eval.runs import CheckpointMeta, read_json
 
 # protocol entries that do not decide any episode's outcome: how many episodes, how they were run, and where
 # the checkpoint lies (a moved experiment folder keeps its results; its step, val loss and EMA do count)
-NOT_OUTCOME = ("episodes", "seeds", "workers", "created", "checkpoint")
+NOT_OUTCOME = ("episodes", "seeds", "workers", "backend", "created", "checkpoint")
 # protocol entries added after results were written without them, with the value those evaluations had: a missing
 # entry means that value (an evaluation with ensembling is not another seed of one written before the option existed)
 ADDED_LATER = {"temporal_ensemble": None}
@@ -246,7 +248,7 @@ def evaluate_policy(policy, task: str, cfg: EvalConfig | None = None, *, out_dir
         "temporal_ensemble": cfg.temporal_ensemble,
         "policy_kind": pcfg.kind, "obs_shapes": pcfg.obs_shapes, "action_dim": pcfg.action_dim,
         "stop_on_success": cfg.stop_on_success, "label_with_expert": cfg.label_with_expert,
-        "workers": cfg.workers, "device": str(cfg.device),
+        "workers": cfg.workers, "backend": cfg.backend, "device": str(cfg.device),
         "pad_batch": cfg.pad_batch, "versions": library_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(protocol or {}),
     }
@@ -374,7 +376,7 @@ def _run(policy, plan, env_spec, cfg: EvalConfig, n_exec, generator, log, tally:
         tally.policy_calls += 1
         return actions, not torch.equal(before, generator.get_state())
 
-    with WorkerPool(n_workers, env_spec, name="dopr-eval-worker") as pool:
+    with open_pool(n_workers, env_spec, "dopr-eval-worker", cfg.backend, cfg.address) as pool:
         tally.t_ready = time.perf_counter()
         pending: dict[int, str] = {}  # worker -> the command whose reply it owes
         ready: set[int] = set()  # workers whose episode waits for its next action chunk

@@ -20,14 +20,21 @@ It is resumable: demonstrations are topped up to the requested count, finished r
 with a complete evaluation of the same protocol) are skipped, an interrupted run resumes from its latest
 checkpoint, and an unfinished evaluation runs its missing episode seeds (never reused as final).
 Interrupt it at any time and run the same command again.
+
+With --backend ray the runs spread over a Ray cluster (a new local one, or --address's): each is a Ray task
+running the same code on the same folder, so the results are the sequential runner's and resuming works the
+same way; a run that crashes is reported and started again (--retries) while the others go on. The experiment
+folder must then be one that every node sees (a shared filesystem), and every node needs this dopr installed.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import typing
 from dataclasses import asdict, dataclass, field, fields
 
+from dopr.eval.config import EvalConfig
 from dopr.options import option, reuse
 from dopr.train.config import CONV_FORMS, DAMPING_MODES, OPTIMIZERS, STAT_MODES, TrainConfig
 
@@ -78,6 +85,20 @@ class ExperimentConfig:
     wandb: bool = reuse(TrainConfig, "wandb")  # one wandb run per training run, grouped by the experiment folder
     wandb_project: str | None = reuse(TrainConfig, "wandb_project")
     wandb_mode: str | None = reuse(TrainConfig, "wandb_mode")
+    device: str = reuse(TrainConfig, "device")
+    # where the runs go; the local backend needs no Ray
+    backend: str = option(
+        "local", "local: one run after another in this process; ray: every run a Ray task with its CPUs (and GPU "
+                 "with --device cuda) declared, on a new local Ray or the cluster at --address; needs the ray extra "
+                 "(default %(default)s)", choices=("local", "ray"))
+    address: str | None = reuse(EvalConfig, "address")
+    max_parallel: int | None = option(
+        None, "with --backend ray: runs at once at most (default: as many as the cluster's CPUs and GPUs hold)")
+    retries: int = option(1, "with --backend ray: a run that crashed is started again this many times, from its "
+                             "latest checkpoint, before it is reported failed (default %(default)s)")
+    gpus_per_run: float = option(
+        1.0, "with --backend ray and --device cuda: GPUs each run declares; a fraction lets small runs share one "
+             "(default %(default)s)")
     out: str = option("out/experiment", "experiment folder (default %(default)s)")
     demos_dir: str | None = option(
         None, "folder of demonstration stores to share between experiments (default OUT/demos)")
@@ -141,6 +162,23 @@ class Configuration:
     def setting(self, key: str, default):
         return dict(self.settings).get(key, default)
 
+@dataclass(frozen=True)
+class Run:
+    """One training run of the experiment: its cell and seed, and where it and its demonstrations live (absolute
+    paths: a Ray task may start in another folder)."""
+
+    task: str
+    policy: str
+    configuration: Configuration
+    seed: int
+    folder: str
+    demos: str
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.folder)
+
+
 def run_experiment(cfg: ExperimentConfig) -> str:
     """Runs what is missing of the experiment; returns the markdown table."""
     import sys
@@ -150,11 +188,9 @@ def run_experiment(cfg: ExperimentConfig) -> str:
 
     from dopr.envs import list_tasks
     from dopr.envs.collect import CollectConfig, collect
-    from dopr.eval import EvalConfig, checkpoint_evaluation, evaluate_checkpoint, measure_compounding_error
     from dopr.eval.comparison import cells_from_runs, comparison_table
     from dopr.eval.report import build_report
-    from dopr.eval.results import COMPOUNDING_FILE
-    from dopr.train import POLICY_KINDS, train
+    from dopr.train import POLICY_KINDS
 
     for name, values, allowed in (("task", cfg.tasks, list_tasks()), ("policy", cfg.policies, POLICY_KINDS)):
         bad = [v for v in values if v not in allowed]
@@ -168,60 +204,125 @@ def run_experiment(cfg: ExperimentConfig) -> str:
     clash = sorted(slug for slug, n in Counter(c.slug for c in configurations).items() if n > 1)
     if clash:
         raise ValueError(f"--optims names the same configuration twice: {clash}")
+    if cfg.backend == "ray":
+        from dopr.eval.experiment_ray import check_ray_options
+
+        check_ray_options(cfg)
     bars = sys.stderr.isatty()  # progress bars in a terminal; a log file gets the [experiment] lines
-    out = Path(cfg.out)
+    out = Path(cfg.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     started = time.time()
 
-    run_dirs = []
+    # every task's demonstrations first (here, whatever the backend), then the runs, which only read them
+    runs = []
     for task in cfg.tasks:
-        demos = Path(cfg.demos_dir or out / "demos") / f"{task}-{cfg.demos}.zarr"
+        demos = Path(cfg.demos_dir or out / "demos").absolute() / f"{task}-{cfg.demos}.zarr"
         print(f"[experiment] {task}: {cfg.demos} demonstrations -> {demos}", flush=True)
         collect(CollectConfig(task=task, n_episodes=cfg.demos, out=str(demos), workers=cfg.workers,
                               seed=0, noise_std=cfg.demo_noise_std, progress=bars))
-        for policy in cfg.policies:
-            for configuration in configurations:
-                for seed in range(cfg.seed_offset, cfg.seed_offset + cfg.seeds):
-                    run = out / "runs" / f"{task}-{policy}-{configuration.slug}-s{seed}"
-                    run_dirs.append(str(run))
-                    final = run / "ckpt-final"
-                    if final.exists():
-                        # the evaluation training makes (checkpoint_evaluation): reused only when complete
-                        # with this protocol; an interrupted one runs its missing episodes
-                        result = evaluate_checkpoint(str(final), EvalConfig(
-                            episodes=cfg.eval_episodes, workers=cfg.workers, horizon=cfg.horizon, progress=bars))
-                        done = ("trained and evaluated, reused" if not result.timing["episodes_run"] else
-                                f"final checkpoint evaluated ({result.timing['episodes_run']} episodes run)")
-                        print(f"[experiment] {run.name}: {done}", flush=True)
-                    else:
-                        resume = "latest" if any(run.glob("ckpt-*")) else None
-                        print(f"[experiment] {run.name}: {'resuming' if resume else 'training'}", flush=True)
-                        train_cfg = TrainConfig(
-                            data=str(demos), out=str(run), policy=policy, optim=configuration.optim,
-                            configuration=configuration.name, steps=cfg.steps[policy], seed=seed,
-                            batch_size=cfg.batch_size, down_dims=cfg.down_dims, threads=cfg.threads,
-                            # the configuration's own settings, else the experiment's flags of the same name
-                            **{key: configuration.setting(key, getattr(cfg, key)) for key in SETTINGS},
-                            val_every=cfg.eval_every, ckpt_every=cfg.eval_every,
-                            eval_every=cfg.eval_every, eval_episodes=cfg.eval_episodes, eval_workers=cfg.workers,
-                            eval_horizon=cfg.horizon, eval_videos=cfg.eval_videos, resume=resume, progress=bars,
-                            wandb=cfg.wandb, wandb_project=cfg.wandb_project, wandb_mode=cfg.wandb_mode,
-                            wandb_group=out.resolve().name,
-                        )
-                        train(train_cfg, checkpoint_evaluation(train_cfg))
-                    # The compounding-error curve: the final policy from the demonstrations' start states,
-                    # its actions against the expert's labels in the states it reaches.
-                    if cfg.compounding_episodes and not (final / "eval" / COMPOUNDING_FILE).exists():
-                        print(f"[experiment] {run.name}: compounding-error curve", flush=True)
-                        episodes = min(cfg.compounding_episodes, cfg.demos)
-                        measure_compounding_error(str(final), str(demos), EvalConfig(
-                            episodes=episodes, workers=cfg.workers, horizon=cfg.horizon, progress=bars))
+        runs += [Run(task, policy, config, seed, str(out / "runs" / f"{task}-{policy}-{config.slug}-s{seed}"),
+                     str(demos))
+                 for policy in cfg.policies for config in configurations
+                 for seed in range(cfg.seed_offset, cfg.seed_offset + cfg.seeds)]
 
+    progress = RunProgress(len(runs), bars)
+    failed: dict[str, str] = {}
+    if cfg.backend == "ray":
+        from dopr.eval.experiment_ray import run_on_ray
+
+        failed = run_on_ray(cfg, runs, progress)
+    else:
+        for run in runs:
+            progress.finished(run.name, run_one(cfg, run, bars))
+    progress.close()
+
+    run_dirs = [run.folder for run in runs]
     cells = cells_from_runs(run_dirs)
     report_md = build_report(run_dirs, str(out / "report"), cells=cells)
     table = comparison_table(cells)
     minutes = (time.time() - started) / 60
     (out / "table.md").write_text(table + f"\n\nWall time of this invocation: {minutes:.1f} min.\n")
     print(f"[experiment] report: {report_md}; table: {out / 'table.md'} ({minutes:.1f} min)", flush=True)
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(runs)} runs failed after {cfg.retries + 1} attempt(s) each, "
+                           f"the table and report leave them out: " +
+                           "; ".join(f"{name}: {why.rstrip('.')}" for name, why in failed.items()) +
+                           ". Run the same command again to go on from their latest checkpoints")
     return table
+
+
+def run_one(cfg: ExperimentConfig, run: Run, bars: bool = False) -> str:
+    """Train (or resume) and evaluate one run, then its compounding-error curve; returns what it did.
+
+    The same function in this process (local backend) and in a Ray task: all it keeps is in the run folder, so a
+    run interrupted anywhere goes on from its latest checkpoint, and a finished one is reused (its final
+    evaluation completed when interrupted), whichever process runs it next."""
+    from pathlib import Path
+
+    from dopr.eval import EvalConfig, checkpoint_evaluation, evaluate_checkpoint, measure_compounding_error
+    from dopr.eval.results import COMPOUNDING_FILE
+    from dopr.train import train
+
+    folder = Path(run.folder)
+    final = folder / "ckpt-final"
+    if final.exists():
+        # the evaluation training makes (checkpoint_evaluation): reused only when complete
+        # with this protocol; an interrupted one runs its missing episodes
+        result = evaluate_checkpoint(str(final), EvalConfig(
+            episodes=cfg.eval_episodes, workers=cfg.workers, horizon=cfg.horizon, device=cfg.device, progress=bars))
+        done = ("trained and evaluated, reused" if not result.timing["episodes_run"] else
+                f"final checkpoint evaluated ({result.timing['episodes_run']} episodes run)")
+    else:
+        resume = "latest" if any(folder.glob("ckpt-*")) else None
+        print(f"[experiment] {run.name}: {'resuming' if resume else 'training'}", flush=True)
+        train_cfg = TrainConfig(
+            data=run.demos, out=str(folder), policy=run.policy, optim=run.configuration.optim,
+            configuration=run.configuration.name, steps=cfg.steps[run.policy], seed=run.seed,
+            batch_size=cfg.batch_size, down_dims=cfg.down_dims, threads=cfg.threads, device=cfg.device,
+            # the configuration's own settings, else the experiment's flags of the same name
+            **{key: run.configuration.setting(key, getattr(cfg, key)) for key in SETTINGS},
+            val_every=cfg.eval_every, ckpt_every=cfg.eval_every,
+            eval_every=cfg.eval_every, eval_episodes=cfg.eval_episodes, eval_workers=cfg.workers,
+            eval_horizon=cfg.horizon, eval_videos=cfg.eval_videos, resume=resume, progress=bars,
+            # one wandb run per training run, grouped by the experiment folder's name
+            wandb=cfg.wandb, wandb_project=cfg.wandb_project, wandb_mode=cfg.wandb_mode,
+            wandb_group=Path(cfg.out).absolute().name,
+        )
+        train(train_cfg, checkpoint_evaluation(train_cfg))
+        done = "resumed from its latest checkpoint, trained and evaluated" if resume else "trained and evaluated"
+    # The compounding-error curve: the final policy from the demonstrations' start states,
+    # its actions against the expert's labels in the states it reaches.
+    if cfg.compounding_episodes and not (final / "eval" / COMPOUNDING_FILE).exists():
+        print(f"[experiment] {run.name}: compounding-error curve", flush=True)
+        episodes = min(cfg.compounding_episodes, cfg.demos)
+        measure_compounding_error(str(final), run.demos, EvalConfig(
+            episodes=episodes, workers=cfg.workers, horizon=cfg.horizon, device=cfg.device, progress=bars))
+    return done
+
+
+class RunProgress:
+    """Runs done of all, with an ETA from the pace so far: a tqdm bar in a terminal, and a line per finished run."""
+
+    def __init__(self, total: int, bars: bool):
+        import time
+
+        from tqdm import tqdm
+
+        self.total, self.done, self.started = total, 0, time.monotonic()
+        self.bar = tqdm(total=total, desc="experiment", unit="run", disable=not bars)
+
+    def finished(self, name: str, outcome: str) -> None:
+        import time
+
+        from tqdm import tqdm
+
+        self.done += 1
+        self.bar.update(1)
+        elapsed = time.monotonic() - self.started
+        eta = tqdm.format_interval(elapsed / self.done * (self.total - self.done))
+        tqdm.write(f"[experiment] {name}: {outcome} ({self.done}/{self.total} runs done, "
+                   f"{tqdm.format_interval(elapsed)} so far, ETA {eta})")
+
+    def close(self) -> None:
+        self.bar.close()

@@ -192,12 +192,17 @@ def load_train_state(ckpt_dir) -> dict:
                               f"({type(err).__name__}: {err})") from None
 
 
+def is_complete_checkpoint(path) -> bool:
+    """Every file of a checkpoint is there (an interrupted save leaves a folder without some)."""
+    return Path(path).is_dir() and all((Path(path) / f).is_file() for f in CHECKPOINT_FILES)
+
+
 def latest_checkpoint(run_dir) -> Path | None:
     """The complete ckpt-<step> folder with the highest step in a run folder (temporary folders are skipped)."""
     run_dir = Path(run_dir)
     found = []
     for p in run_dir.glob("ckpt-*"):
         stem = p.name[len("ckpt-") :]
-        if p.is_dir() and stem.isdigit() and all((p / f).is_file() for f in CHECKPOINT_FILES):
+        if stem.isdigit() and is_complete_checkpoint(p):
             found.append((int(stem), p))
     return max(found)[1] if found else None

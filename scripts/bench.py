@@ -13,6 +13,7 @@ BENCHMARKS = {
     "collect": "dopr.envs.bench",
     "train": "dopr.train.bench",
     "eval": "dopr.eval.bench",
+    "ray": "dopr.eval.bench_ray",
     "serve": "dopr.deploy.bench",
 }
 
@@ -20,7 +21,7 @@ BENCHMARKS = {
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "bench",
-        help="speed/memory benchmarks (optim, data, lerobot, collect, train, eval, serve)",
+        help="speed/memory benchmarks (optim, data, lerobot, collect, train, eval, ray, serve)",
         description="Run a benchmark; every benchmark prints ratios measured side by side in one run. "
         "Pass the benchmark's own options after its name (`dopr bench optim --help`).",
     )

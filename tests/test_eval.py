@@ -114,10 +114,13 @@ class _KillingPolicy(torch.nn.Module):
             if self.worker_name is None:  # Ctrl-C in the main process
                 os.kill(os.getpid(), self.sig)
             else:
-                (proc,) = [p for p in mp.active_children() if p.name == self.worker_name]
-                self.killed_pid = proc.pid
-                os.kill(proc.pid, self.sig)
+                self.killed_pid = self.worker_pid()
+                os.kill(self.killed_pid, self.sig)
         return self.policy.predict_action(obs, generator=generator)
+
+    def worker_pid(self) -> int:
+        (proc,) = [p for p in mp.active_children() if p.name == self.worker_name]
+        return proc.pid
 
 
 @pytest.fixture(scope="module")

@@ -208,6 +208,26 @@ def test_resume_after_kill_matches_uninterrupted(store, tmp_path):
     assert [m.get("val_loss") for m in mb] == [m.get("val_loss") for m in ma]
 
 
+def test_resume_killed_just_before_the_final_checkpoint_writes_it(store, tmp_path):
+    """Killed after the last step's checkpoint, before ckpt-final (that state made exactly: the finished run without
+    ckpt-final and without its last log line): resuming writes the same ckpt-final and log line, not nothing."""
+    extra = ["--ckpt-every", "20", "--val-every", "20", "--log-every", "20"]
+    run_dir, uninterrupted = tmp_path / "run", tmp_path / "uninterrupted-final"
+    run(train_cmd(store, run_dir, *extra, steps=40))
+    full_log = read_metrics(run_dir)
+    shutil.move(run_dir / "ckpt-final", uninterrupted)
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in full_log[:-1]))
+
+    run(train_cmd(store, run_dir, *extra, "--resume", steps=40))
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = load_file(uninterrupted / name), load_file(run_dir / "ckpt-final" / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    before, after = load_checkpoint_meta(uninterrupted), load_checkpoint_meta(run_dir / "ckpt-final")
+    assert (after["step"], after["val_loss"]) == (before["step"], before["val_loss"]) == (40, full_log[-1]["val_loss"])
+    resumed_log = read_metrics(run_dir)
+    assert [m["step"] for m in resumed_log] == [20, 40] and resumed_log[-1]["val_loss"] == full_log[-1]["val_loss"]
+
+
 def test_ddp_two_processes_match_one(store, tmp_path):
     """2 gloo ranks, each on half of every batch, DoPr statistics all-reduced == one process on the whole batch."""
     one, two = tmp_path / "one", tmp_path / "two"

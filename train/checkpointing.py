@@ -132,13 +132,13 @@ class TrainingState:
 
 
 def find_resume_checkpoint(cfg: TrainConfig) -> Path:
-    from dopr.policies.checkpoint import CHECKPOINT_FILES, latest_checkpoint, load_checkpoint_meta
+    from dopr.policies.checkpoint import is_complete_checkpoint, latest_checkpoint, load_checkpoint_meta
 
     if cfg.resume != "latest":
         return Path(cfg.resume)
     ckpt = latest_checkpoint(cfg.out)
     final = Path(cfg.out) / "ckpt-final"
-    if all((final / f).is_file() for f in CHECKPOINT_FILES) and (
+    if is_complete_checkpoint(final) and (
         ckpt is None or load_checkpoint_meta(final)["step"] > load_checkpoint_meta(ckpt)["step"]
     ):
         ckpt = final  # ckpt-final is newer when --ckpt-every does not divide --steps

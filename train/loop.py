@@ -94,7 +94,7 @@ def train(cfg: TrainConfig, evaluate: Callable[[Path], dict] | None = None) -> P
     from tqdm import tqdm
 
     from dopr.data import EpisodeStore, SequenceDataset, check_finite
-    from dopr.policies.checkpoint import checkpoint_name
+    from dopr.policies.checkpoint import checkpoint_name, is_complete_checkpoint
 
     if cfg.eval_every and evaluate is None:  # fail now, not after hours of training
         raise ValueError("--eval-every needs an evaluation function: train(cfg, evaluate=...)")
@@ -170,6 +170,19 @@ def train(cfg: TrainConfig, evaluate: Callable[[Path], dict] | None = None) -> P
 
     def due(every: int) -> bool:  # every K steps (0: never), and at the end
         return bool(every and state.step % every == 0) or state.step == cfg.steps
+
+    if cfg.resume and state.step == cfg.steps and not is_complete_checkpoint(run_dir / "ckpt-final"):
+        # Killed after the last step's checkpoint, before ckpt-final: every step is done. Write ckpt-final, and
+        # evaluate and log it, as the last step would have (its validation came back with the checkpoint).
+        final = save("ckpt-final")
+        if main_process:
+            val = state.last_val if state.last_val and state.last_val["step"] == state.step else {}
+            record = {**val, "step": state.step}
+            if cfg.eval_every:
+                record.update(eval_success_rate=float(evaluate(final)), eval_episodes=cfg.eval_episodes)
+            log.write(record)
+        if distributed:
+            dist.barrier()
 
     # --- the loop ---
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.bf16 else nullcontext()
