@@ -18,6 +18,11 @@ RAY_EXTRA = 'pip install -e ".[ray]"'
 # Ray reads it at import: false makes a new local Ray listen on 127.0.0.1 only (its switch for laptops), so a
 # single-machine run opens no port to the network.
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Ray starts its workers 15 nice levels below its own processes. On a machine shared with other jobs that starves
+# the runs (measured here: training steps 20-40x slower than the same run outside Ray next to a study at normal
+# priority), so a local Ray gives its workers the priority of the command that started it, as the local backend
+# runs at; `nice dopr experiment ...` still lowers both. A cluster sets it at `ray start` (docs/results/ray).
+WORKER_NICENESS = "RAY_worker_niceness"
 
 
 def require_ray(loopback: bool = False):
@@ -40,6 +45,7 @@ def ray_session(address: str | None = None, num_cpus: int | None = None):
         yield ray
         return
     if address is None:
+        os.environ.setdefault(WORKER_NICENESS, "0")  # read by the raylet that ray.init starts
         # "local" rather than None: never join a cluster that RAY_ADDRESS or an earlier `ray start` points to
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
     else:

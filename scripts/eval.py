@@ -22,7 +22,8 @@ def add_parser(sub) -> None:
             "only the missing episodes run; a complete result of the same protocol is reused as it is. An "
             "existing result of another protocol (other horizon, seeds, init, ..., or more episodes) is not "
             "replaced: choose --out DIR, or --overwrite. A crashed or hung worker is restarted and its "
-            "episode recorded as failed."
+            "episode recorded as failed. --backend ray runs the simulators as Ray actors instead (on a new local "
+            "Ray, or --address's cluster; the policy stays here), with the same results."
         ),
     )
     p.add_argument("--checkpoint", required=True, help="checkpoint folder, e.g. runs/NAME/ckpt-final")
