@@ -2,7 +2,8 @@
 
 A spawned simulator worker imports dopr.envs.worker_pool, and every stage imports dopr.atomic;
 importing a package runs its __init__ first, so an __init__ that imported torch or zarr eagerly would
-make each of them pay for it.
+make each of them pay for it. `require` imports an optional extra's module (wandb, pyarrow, ...) where it is
+used, or says which extra to install.
 """
 
 from __future__ import annotations
@@ -19,3 +20,12 @@ def lazy_exports(package: str, exports: dict[str, str]):
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     return __getattr__
+
+
+def require(module: str, extra: str, needed_for: str):
+    """Import an optional extra's module, or exit with one line naming the install command of the extra."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError:
+        raise SystemExit(f"{needed_for} needs {module.split('.')[0]}, an optional extra: "
+                         f'pip install -e ".[{extra}]"') from None

@@ -20,11 +20,10 @@ pyarrow and PyAV are an optional extra: ``require`` imports them with an error n
 
 from __future__ import annotations
 
-import importlib
-
 import numpy as np
 
-LEROBOT_EXTRA = 'pip install -e ".[lerobot]"'
+from dopr import lazy
+
 CODEBASE_VERSION = "v3.0"
 
 INFO_PATH = "meta/info.json"
@@ -58,10 +57,7 @@ MAX_STATS_FRAMES = 100
 
 def require(module: str):
     """Import pyarrow / av (and their submodules), or exit naming the extra that provides them."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError:
-        raise SystemExit(f"LeRobot datasets need pyarrow and PyAV (av), an optional extra: {LEROBOT_EXTRA}") from None
+    return lazy.require(module, "lerobot", "the LeRobot format (pyarrow and PyAV)")
 
 
 def feature_stats(values: np.ndarray, camera: bool) -> dict[str, np.ndarray]:

@@ -2,7 +2,7 @@
 
 This module needs numpy plus torch (TorchScript files) or onnxruntime (ONNX files), nothing of
 dopr's training stack, so it can be copied next to a robot's controller together with an
-exported file.
+exported file and dopr/temporal_ensemble.py (the ensembling it shares with `dopr eval`).
 
     runner = PolicyRunner.from_file("out/lift_mlp.onnx")
     obs = env.reset(seed=0)[0]; runner.reset()
@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from dopr.temporal_ensemble import TemporalEnsembler
 
 # name of the metadata entry inside an exported file (a TorchScript extra file, an ONNX metadata prop)
 META_KEY = "dopr_meta.json"
@@ -106,32 +108,6 @@ class ExportedModel:
 
     def __call__(self, obs: dict[str, np.ndarray], noise: np.ndarray | None = None) -> np.ndarray:
         return self._run(self._inputs(obs, noise))
-
-
-class TemporalEnsembler:
-    """ACT's temporal ensembling: blend every chunk's prediction for the current tick.
-
-    ``update(chunk)`` takes the chunk (Ta, A) predicted at this tick and returns the action to
-    execute now. A chunk predicted i ticks ago contributes its row i; weights are ``exp(-decay * j)``
-    with j = 0 for the oldest chunk, so a larger decay trusts the newest prediction more.
-    """
-
-    def __init__(self, decay: float):
-        self.decay = float(decay)
-        self.reset()
-
-    def reset(self) -> None:
-        self._chunks: deque[np.ndarray] = deque()  # oldest first; chunk j was made len-1-j ticks ago
-
-    def update(self, chunk: np.ndarray) -> np.ndarray:
-        self._chunks.append(np.asarray(chunk))
-        # keep only the chunks that still hold a row for this tick
-        while len(self._chunks[0]) < len(self._chunks):
-            self._chunks.popleft()
-        n = len(self._chunks)
-        rows = np.stack([c[n - 1 - j] for j, c in enumerate(self._chunks)])
-        weights = np.exp(-self.decay * np.arange(n))
-        return (weights[:, None] * rows).sum(0) / weights.sum()
 
 
 class PolicyRunner:

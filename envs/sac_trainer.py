@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 
 from dopr.atomic import json_line, json_safe
+from dopr.lazy import require
 
-RL_EXTRA = 'pip install -e ".[rl]"'
 # the replay-buffer fields of stable-baselines3's ReplayBuffer that hold transitions
 BUFFER_FIELDS = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
 
@@ -58,12 +58,7 @@ class SACConfig:
 
 
 def require_sb3():
-    try:
-        import stable_baselines3
-    except ModuleNotFoundError:
-        raise SystemExit("training an RL expert needs stable-baselines3, an optional extra: "
-                         f"{RL_EXTRA}") from None
-    return stable_baselines3
+    return require("stable_baselines3", "rl", "training an RL expert")
 
 
 def _make_vec_env(env_id: str):

@@ -2,6 +2,7 @@
 
     env = dopr.envs.make("lift", seed=0)            # gymnasium.Env, dict observations
     spec = dopr.envs.task_spec("lift")              # horizon, keys, action_dim, ...
+    dopr.envs.primary_metric("hopper")              # "return" (locomotion) or "success"
     expert = dopr.envs.make_expert("lift", seed=0)  # feedback policy: expert.act(env) -> action
 """
 
@@ -24,6 +25,13 @@ def task_spec(name: str) -> TaskSpec:
     if name not in TASKS:
         raise KeyError(f"unknown task {name!r}; known tasks: {', '.join(list_tasks())}")
     return TASKS[name]
+
+
+def primary_metric(name: str | None) -> str:
+    """What a task's runs are compared by: "return" for the locomotion tasks (where success only means surviving
+    to the horizon), else "success". A task dopr does not know (or None) counts as a success task."""
+    spec = TASKS.get(name) if name else None
+    return spec.extra.get("metric", "success") if spec is not None else "success"
 
 
 def make(name: str, seed: int | None = None, obs: str = "lowdim", horizon: int | None = None,

@@ -8,7 +8,7 @@ from dopr.lazy import lazy_exports
 
 _EXPORTS = {
     "evaluate_checkpoint": "dopr.eval.evaluator",
-    "checkpoint_success_rate": "dopr.eval.evaluator",
+    "checkpoint_evaluation": "dopr.eval.evaluator",
     "evaluate_policy": "dopr.eval.evaluator",
     "CheckpointMismatch": "dopr.eval.evaluator",
     "NonFiniteActions": "dopr.eval.evaluator",

@@ -3,6 +3,7 @@ command line is generated from it)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from dopr.options import option
@@ -25,7 +26,13 @@ class EvalConfig:
     init: str = option("random", "initial states: seeded random (default) or the demonstrations' first states "
                                  "(needs --demos)", choices=("random", "demos"))
     demos: str | None = option(None, "episode store (.zarr) for --init demos, --horizon-mult and --compounding-error")
-    n_action_steps: int | None = option(None, "actions executed per policy call, at most the policy's Ta (default Ta)")
+    n_action_steps: int | None = option(None, "actions executed per policy call, at most the policy's Ta (default Ta); "
+                                              "with --temporal-ensemble, the length of the chunks blended")
+    temporal_ensemble: float | None = option(
+        None, "ACT's temporal ensembling with decay M: the policy runs at every control step and the action executed "
+              "is the mean of what every chunk still covering this step predicted for it, weighted exp(-M j) with "
+              "j = 0 the oldest (M = 0: the plain mean; ACT used 0.01). A protocol of its own in results.json "
+              "(default: off, receding horizon)")
     videos: int = option(0, "write mp4 videos of the first K episodes (default %(default)s); needs offscreen "
                             "rendering (MUJOCO_GL=egl on a GPU machine, libosmesa6 on a CPU one) and refuses "
                             "at once without it")
@@ -50,5 +57,7 @@ class EvalConfig:
             raise ValueError(f"backend must be 'local' or 'ray', got {self.backend!r}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1 (simulator processes), got {self.workers}")
+        if self.temporal_ensemble is not None and not math.isfinite(self.temporal_ensemble):
+            raise ValueError(f"temporal_ensemble must be a finite decay, got {self.temporal_ensemble}")
         if self.init == "demos" and self.demos is None:
             raise ValueError("init='demos' needs demos=<path to an EpisodeStore> (--demos STORE.zarr)")

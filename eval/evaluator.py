@@ -6,7 +6,10 @@ A control round, top to bottom (`_run`):
 2. the last To observations of the running episodes are stacked into one batch and the policy
    runs once on it (on `device`), giving (B, Ta, A) actions;
 3. each worker executes its first `n_action_steps` actions (receding horizon), stopping early at
-   success, termination or the horizon, and sends back its last To observations.
+   success, termination or the horizon, and sends back its last To observations. With temporal
+   ensembling (`temporal_ensemble`, ACT's) the worker blends the chunk's first `n_action_steps` rows
+   with the earlier chunks' rows for the same steps and executes one action, so the policy runs at
+   every control step.
 A policy that draws no noise is called on whichever episodes are ready as soon as their workers
 answer (batches padded to a fixed size, so the actions do not depend on the batching), so no
 worker waits for the slowest one; a stochastic policy runs in lockstep rounds over all episodes.
@@ -62,6 +65,9 @@ from dopr.eval.runs import CheckpointMeta, read_json
 # protocol entries that do not decide any episode's outcome: how many episodes, how they were run, and where
 # the checkpoint lies (a moved experiment folder keeps its results; its step, val loss and EMA do count)
 NOT_OUTCOME = ("episodes", "seeds", "workers", "backend", "created", "checkpoint")
+# protocol entries added after results were written without them, with the value those evaluations had: a missing
+# entry means that value (an evaluation with ensembling is not another seed of one written before the option existed)
+ADDED_LATER = {"temporal_ensemble": None}
 
 
 class CheckpointMismatch(ValueError):
@@ -92,8 +98,8 @@ def episodes_to_keep(out_dir: str | None, protocol: dict, episodes: int, overwri
         return []
     old = read_json(path)
     count = EpisodeCount.of(old)
-    before, now = outcome_protocol(old.get("protocol") or {}), outcome_protocol(protocol)
-    # an entry an older results.json did not record yet is not held against it
+    before, now = {**ADDED_LATER, **outcome_protocol(old.get("protocol") or {})}, outcome_protocol(protocol)
+    # an entry an older results.json did not record yet is not held against it (ADDED_LATER's mean their old value)
     differ = [f"{k} {before[k]!r} there, {now[k]!r} here"
               for k in sorted(set(before) & set(now)) if before[k] != now[k]]
     if not differ and episodes >= count.requested:
@@ -225,7 +231,7 @@ def evaluate_policy(policy, task: str, cfg: EvalConfig | None = None, *, out_dir
     env_spec = EnvSpec(
         task=task, obs=obs_mode, horizon=horizon, image_size=image_sizes.pop() if image_sizes else 84,
         obs_keys=tuple(pcfg.obs_shapes), stop_on_success=cfg.stop_on_success,
-        label_with_expert=cfg.label_with_expert,
+        label_with_expert=cfg.label_with_expert, temporal_ensemble=cfg.temporal_ensemble,
         video_dir=os.path.join(out_dir, "videos") if (cfg.videos and out_dir) else None,
     )
     plan = [
@@ -239,6 +245,7 @@ def evaluate_policy(policy, task: str, cfg: EvalConfig | None = None, *, out_dir
         "task": task, "init": cfg.init, "demos": os.path.abspath(cfg.demos) if cfg.demos else None,
         "seed_base": cfg.seed_base, "seeds": [cfg.seed_base, cfg.seed_base + cfg.episodes - 1],
         "episodes": cfg.episodes, "horizon": horizon, "n_obs_steps": pcfg.n_obs_steps, "n_action_steps": n_exec,
+        "temporal_ensemble": cfg.temporal_ensemble,
         "policy_kind": pcfg.kind, "obs_shapes": pcfg.obs_shapes, "action_dim": pcfg.action_dim,
         "stop_on_success": cfg.stop_on_success, "label_with_expert": cfg.label_with_expert,
         "workers": cfg.workers, "backend": cfg.backend, "device": str(cfg.device),
@@ -402,7 +409,8 @@ def _run(policy, plan, env_spec, cfg: EvalConfig, n_exec, generator, log, tally:
                     if pipelined is None:
                         pipelined = not drew_noise
                         tally.schedule = "pipelined" if pipelined else "lockstep"
-                    # receding horizon: each worker executes the first n_exec actions of its chunk
+                    # receding horizon: each worker executes the first n_exec actions of its chunk (temporal
+                    # ensembling: blends them with the earlier chunks and executes one)
                     for j, i in enumerate(group):
                         err = pool.send(i, ("act", (actions[j, :n_exec], To)))
                         if err is not None:
@@ -494,8 +502,20 @@ def evaluate_checkpoint(checkpoint: str, cfg: EvalConfig | None = None, *, out_d
                            overwrite=overwrite)
 
 
-def checkpoint_success_rate(train_cfg) -> Callable[[Path], float]:
-    """The closed-loop evaluation a training run makes of its checkpoints (TrainConfig's eval_* options)."""
+def checkpoint_evaluation(train_cfg) -> Callable[[Path], dict]:
+    """The closed-loop evaluation a training run makes of its checkpoints (TrainConfig's eval_* options): it
+    returns the eval_* entries of the checkpoint's metrics line (dopr.train.loop)."""
+    if train_cfg.eval_videos:  # refuse now, not at the first evaluation
+        from dopr.envs.rendering import require_offscreen_rendering
+
+        require_offscreen_rendering("videos (--eval-videos)")
     cfg = EvalConfig(episodes=train_cfg.eval_episodes, workers=train_cfg.eval_workers, horizon=train_cfg.eval_horizon,
-                     device=train_cfg.device, progress=False)
-    return lambda checkpoint: evaluate_checkpoint(str(checkpoint), cfg).success_rate
+                     device=train_cfg.device, videos=train_cfg.eval_videos, progress=False)
+
+    def evaluate(checkpoint) -> dict:
+        result = evaluate_checkpoint(str(checkpoint), cfg)
+        record = {"eval_success_rate": result.success_rate, "eval_episodes": result.n_episodes}
+        videos = [e["video"] for e in result.episodes if e.get("video")]
+        return {**record, "eval_videos": videos} if videos else record
+
+    return evaluate

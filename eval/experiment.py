@@ -4,14 +4,17 @@ Each entry of --optims is a configuration being compared: an optimizer, optional
 after colons, e.g. `adamw:lr=1e-3,dopr-adamw:lr=1e-3,dopr-adamw:lr=1e-3:damping=0.3:stats=ema`
 (lr, weight_decay, damping, damping_mode, stats, precond_every, conv; a configuration's settings override the
 flags of the same name). DoPr
-configurations are compared, paired, with that of their base optimizer at the same lr (else its first one).
+configurations are compared, paired, with that of their base optimizer at the same lr (else its first one), by
+the task's primary metric (success; mean return for the locomotion tasks), on each run's final checkpoint and, with
+eval_every below the training steps, also on its best evaluated one (dopr.eval.comparison).
 
 Everything it makes lives under one folder (default out/experiment):
 
     demos/<task>-<n>.zarr                     demonstrations, shared by every run of a task
     runs/<task>-<policy>-<config>-s<seed>/    one training run, evaluated at every checkpoint
     report/report.md, *.png                   the TTF report over all runs
-    table.md                                  success and validation loss per cell, paired comparisons
+    table.md                                  success (return, for locomotion tasks) and validation loss per
+                                              cell, paired comparisons, on final and best checkpoints
 
 It is resumable: demonstrations are topped up to the requested count, finished runs (a ckpt-final
 with a complete evaluation of the same protocol) are skipped, an interrupted run resumes from its latest
@@ -78,6 +81,10 @@ class ExperimentConfig:
     # oversubscribed OpenMP pool is catastrophic (a 256x3 MLP step measured 13 ms on 1 thread, 470 ms on 2
     # threads with one other busy process on 2 cores).
     threads: int = reuse(TrainConfig, "threads", 1)
+    eval_videos: int = reuse(TrainConfig, "eval_videos")
+    wandb: bool = reuse(TrainConfig, "wandb")  # one wandb run per training run, grouped by the experiment folder
+    wandb_project: str | None = reuse(TrainConfig, "wandb_project")
+    wandb_mode: str | None = reuse(TrainConfig, "wandb_mode")
     device: str = reuse(TrainConfig, "device")
     # where the runs go; the local backend needs no Ray
     backend: str = option(
@@ -190,6 +197,10 @@ def run_experiment(cfg: ExperimentConfig) -> str:
         if bad:
             raise ValueError(f"unknown {name}(s) {bad}; choose from {list(allowed)}")
     configurations = [Configuration.parse(spec) for spec in cfg.optims]
+    if cfg.wandb:  # a missing extra is said now, not after the collection
+        from dopr.lazy import require
+
+        require("wandb", "wandb", "--wandb")
     clash = sorted(slug for slug, n in Counter(c.slug for c in configurations).items() if n > 1)
     if clash:
         raise ValueError(f"--optims names the same configuration twice: {clash}")
@@ -249,14 +260,14 @@ def run_one(cfg: ExperimentConfig, run: Run, bars: bool = False) -> str:
     evaluation completed when interrupted), whichever process runs it next."""
     from pathlib import Path
 
-    from dopr.eval import EvalConfig, checkpoint_success_rate, evaluate_checkpoint, measure_compounding_error
+    from dopr.eval import EvalConfig, checkpoint_evaluation, evaluate_checkpoint, measure_compounding_error
     from dopr.eval.results import COMPOUNDING_FILE
     from dopr.train import train
 
     folder = Path(run.folder)
     final = folder / "ckpt-final"
     if final.exists():
-        # the evaluation training makes (checkpoint_success_rate): reused only when complete
+        # the evaluation training makes (checkpoint_evaluation): reused only when complete
         # with this protocol; an interrupted one runs its missing episodes
         result = evaluate_checkpoint(str(final), EvalConfig(
             episodes=cfg.eval_episodes, workers=cfg.workers, horizon=cfg.horizon, device=cfg.device, progress=bars))
@@ -273,9 +284,12 @@ def run_one(cfg: ExperimentConfig, run: Run, bars: bool = False) -> str:
             **{key: run.configuration.setting(key, getattr(cfg, key)) for key in SETTINGS},
             val_every=cfg.eval_every, ckpt_every=cfg.eval_every,
             eval_every=cfg.eval_every, eval_episodes=cfg.eval_episodes, eval_workers=cfg.workers,
-            eval_horizon=cfg.horizon, resume=resume, progress=bars,
+            eval_horizon=cfg.horizon, eval_videos=cfg.eval_videos, resume=resume, progress=bars,
+            # one wandb run per training run, grouped by the experiment folder's name
+            wandb=cfg.wandb, wandb_project=cfg.wandb_project, wandb_mode=cfg.wandb_mode,
+            wandb_group=Path(cfg.out).absolute().name,
         )
-        train(train_cfg, checkpoint_success_rate(train_cfg))
+        train(train_cfg, checkpoint_evaluation(train_cfg))
         done = "resumed from its latest checkpoint, trained and evaluated" if resume else "trained and evaluated"
     # The compounding-error curve: the final policy from the demonstrations' start states,
     # its actions against the expert's labels in the states it reaches.

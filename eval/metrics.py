@@ -1,8 +1,11 @@
-"""Statistics of closed-loop evaluations: success rate with its confidence interval, rank correlation.
+"""Statistics of closed-loop evaluations: success rate and mean return with their confidence intervals, rank
+correlation.
 
 Success over n episodes is a binomial proportion; the Wilson score interval stays inside [0, 1] and
 keeps its coverage at small n and at rates near 0 or 1, where the normal approximation fails
-(what matters when 50 episodes decide between two optimizers).
+(what matters when 50 episodes decide between two optimizers). A mean return (locomotion tasks' primary
+metric) or a mean over a few training seeds gets Student's t interval: its standard deviation is estimated
+from the same few samples.
 """
 
 from __future__ import annotations
@@ -33,6 +36,38 @@ def wilson_interval(n_success: int, n: int, z: float = Z_95) -> tuple[float, flo
     return lo, hi
 
 
+def t975(df: int) -> float:
+    """97.5% quantile of Student's t with df degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
+
+
+def t80(df: int) -> float:
+    """80% quantile of Student's t with df degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.8, df))
+
+
+def mean_sd(xs: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1); NaN where there are too few values."""
+    if not xs:
+        return float("nan"), float("nan")
+    m = sum(xs) / len(xs)
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else float("nan")
+    return m, sd
+
+
+def t_interval(xs: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high): the mean with its 95% Student's t interval; NaN bounds for fewer than 2 values."""
+    m, sd = mean_sd(xs)
+    if len(xs) < 2:
+        return m, float("nan"), float("nan")
+    half = t975(len(xs) - 1) * sd / math.sqrt(len(xs))
+    return m, m - half, m + half
+
+
 @dataclass
 class SuccessStats:
     """Summary of a set of episodes (each a dict with success, steps, return, time_to_success)."""
@@ -43,6 +78,8 @@ class SuccessStats:
     ci_low: float
     ci_high: float
     mean_return: float
+    return_ci_low: float  # 95% t interval of the mean return over the episodes
+    return_ci_high: float
     mean_length: float
     time_to_success: float | None  # mean steps to the first success, over the successful episodes
     n_errors: int  # episodes that ended in a worker fault (counted as failures)
@@ -52,6 +89,7 @@ def success_stats(episodes: list[dict]) -> SuccessStats:
     n = len(episodes)
     k = sum(1 for e in episodes if e.get("success"))
     lo, hi = wilson_interval(k, n)
+    mean_return, return_lo, return_hi = t_interval([float(e["return"]) for e in episodes])
     tts = [e["time_to_success"] for e in episodes if e.get("success") and e.get("time_to_success") is not None]
     return SuccessStats(
         n_episodes=n,
@@ -59,7 +97,9 @@ def success_stats(episodes: list[dict]) -> SuccessStats:
         success_rate=k / n if n else float("nan"),
         ci_low=lo,
         ci_high=hi,
-        mean_return=float(np.mean([e["return"] for e in episodes])) if n else float("nan"),
+        mean_return=mean_return,
+        return_ci_low=return_lo,
+        return_ci_high=return_hi,
         mean_length=float(np.mean([e["steps"] for e in episodes])) if n else float("nan"),
         time_to_success=float(np.mean(tts)) if tts else None,
         n_errors=sum(1 for e in episodes if e.get("error")),

@@ -1,14 +1,16 @@
 """The test-time feedback (TTF) report: did lower validation loss mean higher closed-loop success?
 
 A policy trained on one-step targets runs on its own predictions (test-time feedback), so its errors
-compound; validation loss measures the first, success the second.
+compound; validation loss measures the first, success the second. For the locomotion tasks, whose primary
+metric is return (success there only means surviving to the horizon; dopr.envs.primary_metric), the report
+also sets return against validation loss, task by task (returns of different tasks differ in scale).
 
 `build_report(run_dirs, out_dir)` reads training runs (any mix of optimizers, seeds, policies):
 
     runs/NAME/config.json           optimizer, policy, seed, task (the training configuration)
     runs/NAME/metrics.jsonl         training log (val_loss by step), optional
     runs/NAME/ckpt-*/meta.json      step, val_loss of each checkpoint
-    runs/NAME/ckpt-*/eval/results.json            closed-loop success (dopr eval)
+    runs/NAME/ckpt-*/eval/results.json            closed-loop success and return (dopr eval)
     runs/NAME/ckpt-*/eval/compounding_error.json  action error vs rollout step (dopr eval --compounding-error)
 
 and writes <out_dir>/report.md with tables and PNG figures, plus report.json (the rows).
@@ -43,6 +45,9 @@ class CheckpointRow:
     success_rate: float | None = None
     ci_low: float | None = None
     ci_high: float | None = None
+    mean_return: float | None = None
+    return_ci_low: float | None = None  # 95% t interval; None in files written before it was recorded
+    return_ci_high: float | None = None
     n_episodes: int | None = None
     # an incomplete evaluation (Ctrl-C, kill) is no result: its rate is kept here, marked, and used nowhere else
     incomplete: str | None = None  # "12 of 50 episodes, success 0.882"
@@ -67,6 +72,8 @@ def read_run(run_dir: str) -> tuple[list[CheckpointRow], list[dict], list[dict]]
             row.incomplete = f"{count.done} of {count.requested} episodes, success {res['success_rate']:.3f}"
         elif res is not None:
             row.success_rate, row.ci_low, row.ci_high = res["success_rate"], res["ci_low"], res["ci_high"]
+            row.mean_return = res["mean_return"]
+            row.return_ci_low, row.return_ci_high = res.get("return_ci_low"), res.get("return_ci_high")
             row.n_episodes = res["n_episodes"]
             row.init = res["protocol"]["init"]
             row.horizon = res["protocol"]["horizon"]
@@ -96,16 +103,20 @@ def _pooled_interval(rows: list[CheckpointRow]) -> tuple[float, float]:
     return wilson_interval(k, n) if n else (float("nan"), float("nan"))
 
 
-def _spearman_of(rows: list[CheckpointRow]) -> dict:
-    rho, p, n = spearman([r.val_loss for r in rows], [r.success_rate for r in rows])
+# the CheckpointRow field of each metric the report sets against validation loss
+METRIC_FIELD = {"success": "success_rate", "return": "mean_return"}
+
+
+def _spearman_of(rows: list[CheckpointRow], metric: str) -> dict:
+    rho, p, n = spearman([r.val_loss for r in rows], [getattr(r, METRIC_FIELD[metric]) for r in rows])
     return {"rho": rho, "p_value": p, "n": n}
 
 
-def rank_correlations(evaluated: list[CheckpointRow], optimizers: list[str]) -> dict:
-    """Spearman's rho between validation loss and success, over samples that are independent.
+def rank_correlations(evaluated: list[CheckpointRow], optimizers: list[str], metric: str = "success") -> dict:
+    """Spearman's rho between validation loss and `metric` (success or return), over samples that are independent.
 
     A run's checkpoints are not: they share one training history, and training step moves both validation
-    loss and success, so a rho over all checkpoints mostly measures the step and its p-value is not valid.
+    loss and the metric, so a rho over all checkpoints mostly measures the step and its p-value is not valid.
     The independent units are runs: their final checkpoints (`final`: over all runs and per optimizer), and
     their checkpoints at one training step (`within_step`, every step that 3 or more runs were evaluated at).
     `pooled_checkpoints` keeps the all-checkpoint rho as a description, without a p-value.
@@ -115,16 +126,29 @@ def rank_correlations(evaluated: list[CheckpointRow], optimizers: list[str]) -> 
     for r in evaluated:
         if r.step is not None:
             by_step[r.step].append(r)
-    pooled = _spearman_of(evaluated)
+    pooled = _spearman_of(evaluated, metric)
     return {
-        "final": {"all runs": _spearman_of(finals),
-                  **{opt: _spearman_of([r for r in finals if r.optimizer == opt]) for opt in optimizers}},
-        "within_step": {step: _spearman_of(rs) for step, rs in sorted(by_step.items()) if len(rs) >= 3},
+        "final": {"all runs": _spearman_of(finals, metric),
+                  **{opt: _spearman_of([r for r in finals if r.optimizer == opt], metric) for opt in optimizers}},
+        "within_step": {step: _spearman_of(rs, metric) for step, rs in sorted(by_step.items()) if len(rs) >= 3},
         "pooled_checkpoints": {**pooled, "p_value": None, "n_runs": len({r.run for r in evaluated})},
     }
 
 
-def _verdict(c: dict) -> str:
+def return_correlations(evaluated: list[CheckpointRow]) -> dict:
+    """{task: rank_correlations of validation loss and return} for each task whose primary metric is return, over
+    that task's runs only: returns (and losses) of different tasks differ in scale, so pooled ranks would sort
+    tasks, not runs."""
+    from dopr.envs import primary_metric
+
+    out = {}
+    for task in sorted({r.task for r in evaluated if primary_metric(r.task) == "return"}):
+        rows = [r for r in evaluated if r.task == task]
+        out[task] = rank_correlations(rows, sorted({r.optimizer for r in rows}), "return")
+    return out
+
+
+def _verdict(c: dict, metric: str = "success") -> str:
     """What a correlation over independent runs says, only as far as its p-value allows."""
     rho, p, n = c["rho"], c["p_value"], c["n"]
     if math.isnan(rho):
@@ -133,8 +157,8 @@ def _verdict(c: dict) -> str:
     if p >= 0.05:
         return f"no relation the runs can establish ({stats})"
     if rho < 0:
-        return f"lower validation loss went with higher success ({stats})"
-    return f"lower validation loss went with LOWER success ({stats})"
+        return f"lower validation loss went with higher {metric} ({stats})"
+    return f"lower validation loss went with LOWER {metric} ({stats})"
 
 
 def _fmt(x, spec=".4g"):
@@ -174,34 +198,23 @@ def build_report(run_dirs: list[str], out_dir: str = "out/report", cells=None) -
     evaluated = [r for r in rows if r.success_rate is not None and r.val_loss is not None]
 
     correlations = rank_correlations(evaluated, optimizers)
+    by_return = return_correlations(evaluated)
 
     figures = []
-    # 1. success against validation loss, one point per evaluated checkpoint
+    # 1. success (and, for return tasks, return) against validation loss, one point per evaluated checkpoint
     if evaluated:
         fig, ax = plt.subplots(figsize=(6, 4.5))
-        for opt in optimizers:
-            sel = [r for r in evaluated if r.optimizer == opt]
-            if not sel:
-                continue
-            x = [r.val_loss for r in sel]
-            y = [r.success_rate for r in sel]
-            err = [[r.success_rate - r.ci_low for r in sel], [r.ci_high - r.success_rate for r in sel]]
-            ax.errorbar(x, y, yerr=err, fmt="o", color=colors[opt], alpha=0.8, capsize=2, label=opt)
-            for run in sorted({r.run for r in sel}):  # a run's checkpoints are one sample path, not independent points
-                path = sorted((r for r in sel if r.run == run and r.step is not None), key=lambda r: r.step)
-                ax.plot([r.val_loss for r in path], [r.success_rate for r in path], "-", color=colors[opt],
-                        alpha=0.3, lw=0.8)
-        ax.set_xlabel("validation loss")
-        ax.set_ylabel("closed-loop success rate (95% Wilson CI)")
-        ax.set_ylim(-0.05, 1.05)
-        if all(r.val_loss > 0 for r in evaluated) and max(r.val_loss for r in evaluated) > 10 * min(
-                r.val_loss for r in evaluated):
-            ax.set_xscale("log")
+        _metric_vs_loss(ax, evaluated, optimizers, colors, "success")
         ax.set_title("Success vs validation loss (one point per checkpoint;\na thin line joins a run's checkpoints)",
                      fontsize=10)
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
         figures.append(_save(fig, out_dir, "success_vs_val_loss.png"))
+    if by_return:
+        fig, axes = plt.subplots(1, len(by_return), figsize=(6 * len(by_return), 4.5), squeeze=False)
+        for ax, task in zip(axes[0], by_return):
+            _metric_vs_loss(ax, [r for r in evaluated if r.task == task], optimizers, colors, "return")
+            ax.set_title(f"{task}: return vs validation loss (one point per checkpoint;\na thin line joins a run's "
+                         "checkpoints)", fontsize=10)
+        figures.append(_save(fig, out_dir, "return_vs_val_loss.png"))
     # 2. validation loss and success against training step, one line per run
     fig, (ax_loss, ax_succ) = plt.subplots(1, 2, figsize=(11, 4.2))
     for run in sorted({r.run for r in rows}):
@@ -236,36 +249,82 @@ def build_report(run_dirs: list[str], out_dir: str = "out/report", cells=None) -
         figures.append(_compounding_figure(plt, curves, colors, out_dir))
 
     # 4. DoPr against its base optimizer: each training seed's paired difference, and the mean's 95% interval
-    from dopr.eval.comparison import cells_from_runs, comparison_table, comparisons
+    from dopr.eval.comparison import cells_from_runs, checkpoints_shown, comparison_table, comparisons
 
     cells = cells_from_runs(run_dirs) if cells is None else cells
-    compared = comparisons(cells)
-    if compared:
-        fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(compared)))
-        for i, (task, policy, p) in enumerate(compared):
-            y = len(compared) - 1 - i
-            ax.scatter(p.diffs, [y + 0.18] * len(p.diffs), s=12, color="0.55", alpha=0.7, zorder=2)
-            ax.errorbar([p.diff], [y], xerr=[[p.diff - p.ci_low], [p.ci_high - p.diff]] if p.n_seeds > 1 else None,
-                        fmt="o", color="C3" if p.ci_low > 0 or p.ci_high < 0 else "k", capsize=3, zorder=3)
-        ax.set_yticks(range(len(compared)))
-        ax.set_yticklabels([f"{task} {policy}, {p.n_seeds} seeds\n{p.treatment} - {p.baseline}"
-                            for task, policy, p in reversed(compared)], fontsize=7)
-        ax.axvline(0, color="0.3", lw=0.8)
-        ax.set_xlabel("paired success-rate difference (dots: seeds; bar: mean, 95% CI)")
-        ax.grid(axis="x", alpha=0.3)
-        figures.append(_save(fig, out_dir, "paired_differences.png"))
+    for metric, name in PAIRED_FIGURES.items():
+        of_metric = [c for c in cells if c.metric == metric]
+        compared = [(task, policy, checkpoint, p) for checkpoint in checkpoints_shown(of_metric)
+                    for task, policy, p in comparisons(of_metric, checkpoint)]
+        if compared:
+            figures.append(_paired_figure(plt, compared, metric, out_dir, name))
     plt.close("all")
 
-    md = _markdown(rows, evaluated, correlations, optimizers, curves, figures)
+    md = _markdown(rows, evaluated, correlations, by_return, optimizers, curves, figures)
     if cells:
-        md += ("\n## Final checkpoints per cell, and DoPr against its base optimizer (paired by training seed and "
-               "episode seed)\n\n" + comparison_table(cells) + "\n")
+        md += ("\n## Final (and best) checkpoints per cell, and DoPr against its base optimizer (paired by training "
+               "seed and episode seed)\n\n" + comparison_table(cells) + "\n")
     path = os.path.join(out_dir, "report.md")
     write_text_atomic(path, md)
     write_json_atomic(os.path.join(out_dir, "report.json"),
                       {"checkpoints": [asdict(r) for r in rows], "spearman_val_loss_vs_success": correlations,
-                       "compounding_error": curves})
+                       "spearman_val_loss_vs_return": by_return, "compounding_error": curves})
     return path
+
+
+PAIRED_FIGURES = {"success": "paired_differences.png", "return": "paired_return_differences.png"}
+# the CheckpointRow fields of each metric's 95% interval
+INTERVAL_FIELDS = {"success": ("ci_low", "ci_high"), "return": ("return_ci_low", "return_ci_high")}
+METRIC_AXIS = {"success": "closed-loop success rate (95% Wilson CI)", "return": "mean return (95% t CI)"}
+
+
+def _metric_vs_loss(ax, rows: list[CheckpointRow], optimizers: list[str], colors: dict, metric: str) -> None:
+    """`metric` against validation loss on `ax`: one point per evaluated checkpoint with its 95% interval, a thin
+    line joining a run's checkpoints (one sample path, not independent points)."""
+    field, (low, high) = METRIC_FIELD[metric], INTERVAL_FIELDS[metric]
+
+    def below_above(r):  # an interval older files do not have (or of one episode) is drawn as none
+        y, lo, hi = getattr(r, field), getattr(r, low), getattr(r, high)
+        return (0.0, 0.0) if lo is None or hi is None or math.isnan(lo) else (y - lo, hi - y)
+
+    for opt in optimizers:
+        sel = [r for r in rows if r.optimizer == opt]
+        if not sel:
+            continue
+        err = list(zip(*(below_above(r) for r in sel)))
+        ax.errorbar([r.val_loss for r in sel], [getattr(r, field) for r in sel], yerr=err, fmt="o", color=colors[opt],
+                    alpha=0.8, capsize=2, label=opt)
+        for run in sorted({r.run for r in sel}):
+            path = sorted((r for r in sel if r.run == run and r.step is not None), key=lambda r: r.step)
+            ax.plot([r.val_loss for r in path], [getattr(r, field) for r in path], "-", color=colors[opt],
+                    alpha=0.3, lw=0.8)
+    ax.set_xlabel("validation loss")
+    ax.set_ylabel(METRIC_AXIS[metric])
+    if metric == "success":
+        ax.set_ylim(-0.05, 1.05)
+    if all(r.val_loss > 0 for r in rows) and max(r.val_loss for r in rows) > 10 * min(r.val_loss for r in rows):
+        ax.set_xscale("log")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+
+def _paired_figure(plt, compared: list[tuple], metric: str, out_dir: str, name: str) -> str:
+    """Each (task, policy, checkpoint, PairedComparison): the training seeds' paired differences (dots) and the
+    mean with its 95% t interval (bar; red when it excludes 0)."""
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(compared)))
+    for i, (_, _, _, p) in enumerate(compared):
+        y = len(compared) - 1 - i
+        ax.scatter(p.diffs, [y + 0.18] * len(p.diffs), s=12, color="0.55", alpha=0.7, zorder=2)
+        ax.errorbar([p.diff], [y], xerr=[[p.diff - p.ci_low], [p.ci_high - p.diff]] if p.n_seeds > 1 else None,
+                    fmt="o", color="C3" if p.ci_low > 0 or p.ci_high < 0 else "k", capsize=3, zorder=3)
+    ax.set_yticks(range(len(compared)))
+    ax.set_yticklabels([f"{task} {policy}, {p.n_seeds} seeds, {checkpoint}\n{p.treatment} - {p.baseline}"
+                        for task, policy, checkpoint, p in reversed(compared)], fontsize=7)
+    ax.axvline(0, color="0.3", lw=0.8)
+    what = "success-rate" if metric == "success" else "mean-return"
+    ax.set_xlabel(f"paired {what} difference (dots: seeds; bar: mean, 95% CI)")
+    ax.grid(axis="x", alpha=0.3)
+    return _save(fig, out_dir, name)
 
 
 def _compounding_figure(plt, curves: list[dict], colors: dict, out_dir: str) -> str:
@@ -366,26 +425,59 @@ def _final_checkpoints_line(ranked: list[tuple], by_opt: dict) -> str | None:
     return line + "."
 
 
-def _markdown(rows, evaluated, correlations, optimizers, curves, figures) -> str:
-    lines = ["# Closed-loop success vs validation loss", ""]
+def _glance_lines(correlations: dict, metric: str) -> list[str]:
+    """The correlations of validation loss and `metric` in words, as far as their p-values allow."""
+    lines = [f"- Across runs (final checkpoints, one per run): {_verdict(correlations['final']['all runs'], metric)}."]
+    for opt, c in correlations["final"].items():
+        if opt != "all runs":
+            lines.append(f"- {opt}, across its runs' final checkpoints: {_verdict(c, metric)}.")
+    within = correlations["within_step"]
+    if within:
+        lines.append("- Across runs at the same training step: " + "; ".join(
+            f"step {step}: {_verdict(c, metric)}" for step, c in within.items()) + ".")
+    pooled = correlations["pooled_checkpoints"]
+    lines.append(f"- Pooled over all {pooled['n']} evaluated checkpoints of {pooled['n_runs']} runs: "
+                 f"{_fmt_rho(pooled['rho'])}, a description only (a run's checkpoints share its training history, "
+                 f"and training step moves both validation loss and {metric}).")
+    return lines
+
+
+def _correlation_table(correlations: dict, metric: str, title: str) -> list[str]:
+    """The section of Spearman's rho between validation loss and `metric`: over final checkpoints, each step,
+    and (descriptive) all checkpoints."""
+    pooled, within = correlations["pooled_checkpoints"], correlations["within_step"]
+    lines = [f"## Spearman rank correlation, validation loss vs {title}", "",
+             f"Negative: lower loss, higher {metric}. p-values are given only over independent runs: a run's "
+             "checkpoints share one training history, and training step moves both validation loss and "
+             f"{metric}, so the rho over all checkpoints describes them but is no test.", "",
+             "| group | checkpoints correlated | rho | p-value | n |", "|---|---|---|---|---|"]
+    table = [(group, "final checkpoint of each run", c) for group, c in correlations["final"].items()]
+    table += [("all runs", f"step {step}, one checkpoint per run", c) for step, c in within.items()]
+    table.append(("all checkpoints (descriptive)", f"every evaluated checkpoint of {pooled['n_runs']} runs, "
+                  "steps mixed", pooled))
+    for group, what, c in table:
+        rho = "-" if math.isnan(c["rho"]) else f"{c['rho']:+.3f}"
+        p = "-" if c["p_value"] is None or math.isnan(c["p_value"]) else f"{c['p_value']:.3g}"
+        lines.append(f"| {group} | {what} | {rho} | {p} | {c['n']} |")
+    return lines + [""]
+
+
+def _return_cell(r: CheckpointRow) -> str:
+    if r.mean_return is None:
+        return "-"
+    interval = ("" if r.return_ci_low is None or math.isnan(r.return_ci_low)
+                else f" ({r.return_ci_low:.4g} to {r.return_ci_high:.4g})")
+    return f"{r.mean_return:.4g}{interval}"
+
+
+def _markdown(rows, evaluated, correlations, by_return, optimizers, curves, figures) -> str:
+    lines = [f"# Closed-loop success{' and return' if by_return else ''} vs validation loss", ""]
     runs = sorted({r.run for r in rows})
     tasks = sorted({str(r.task) for r in rows})
     lines += [f"{len(runs)} runs, {len(rows)} checkpoints ({len(evaluated)} evaluated closed-loop); "
               f"optimizers: {', '.join(optimizers)}; tasks: {', '.join(tasks)}.", ""]
     lines += ["## At a glance", ""]
-    final_rho = correlations["final"]["all runs"]
-    lines.append(f"- Across runs (final checkpoints, one per run): {_verdict(final_rho)}.")
-    for opt in optimizers:
-        c = correlations["final"][opt]
-        lines.append(f"- {opt}, across its runs' final checkpoints: {_verdict(c)}.")
-    within = correlations["within_step"]
-    if within:
-        lines.append("- Across runs at the same training step: " + "; ".join(
-            f"step {step}: {_verdict(c)}" for step, c in within.items()) + ".")
-    pooled = correlations["pooled_checkpoints"]
-    lines.append(f"- Pooled over all {pooled['n']} evaluated checkpoints of {pooled['n_runs']} runs: "
-                 f"{_fmt_rho(pooled['rho'])}, a description only (a run's checkpoints share its training history, "
-                 "and training step moves both validation loss and success).")
+    lines += _glance_lines(correlations, "success")
     incomplete = [r for r in rows if r.incomplete]
     if incomplete:
         lines.append(f"- {len(incomplete)} evaluation(s) are incomplete ({MARK} in the checkpoint table): left out of "
@@ -404,30 +496,25 @@ def _markdown(rows, evaluated, correlations, optimizers, curves, figures) -> str
     line = _final_checkpoints_line(ranked, by_opt)
     if line:
         lines.append(line)
+    for task, c in by_return.items():
+        lines += ["", f"Return against validation loss, {task} (its primary metric; success there means surviving to "
+                  "the horizon):", "", *_glance_lines(c, "return")]
     lines.append("")
     lines += ["## Final checkpoint per run, by optimizer", "",
               "| optimizer | runs | mean val loss | mean success |", "|---|---|---|---|"]
     for opt, loss, succ, n in ranked:
         lines.append(f"| {opt} | {n} | {_fmt(loss)} | {_fmt(succ, '.3f')} |")
     lines.append("")
-    lines += ["## Spearman rank correlation, validation loss vs success", "",
-              "Negative: lower loss, higher success. p-values are given only over independent runs: a run's "
-              "checkpoints share one training history, and training step moves both validation loss and "
-              "success, so the rho over all checkpoints describes them but is no test.", "",
-              "| group | checkpoints correlated | rho | p-value | n |", "|---|---|---|---|---|"]
-    table = [(group, "final checkpoint of each run", c) for group, c in correlations["final"].items()]
-    table += [("all runs", f"step {step}, one checkpoint per run", c) for step, c in within.items()]
-    table.append(("all checkpoints (descriptive)", f"every evaluated checkpoint of {pooled['n_runs']} runs, "
-                  "steps mixed", pooled))
-    for group, what, c in table:
-        rho = "-" if math.isnan(c["rho"]) else f"{c['rho']:+.3f}"
-        p = "-" if c["p_value"] is None or math.isnan(c["p_value"]) else f"{c['p_value']:.3g}"
-        lines.append(f"| {group} | {what} | {rho} | {p} | {c['n']} |")
-    lines.append("")
+    lines += _correlation_table(correlations, "success", "success")
+    for task, c in by_return.items():
+        lines += _correlation_table(c, "return", f"return ({task})")
     lines += ["## Figures", ""]
     captions = {
         "success_vs_val_loss.png": "Success vs validation loss, one point per evaluated checkpoint, coloured by "
                                    "optimizer; a thin line joins the checkpoints of one run.",
+        "return_vs_val_loss.png": "Mean return (95% t interval over episodes) vs validation loss, one panel per "
+                                  "task whose primary metric is return, one point per evaluated checkpoint; a thin "
+                                  "line joins the checkpoints of one run.",
         "training_curves.png": "Validation loss (left) and closed-loop success (right) against training step, "
                                "one line per run.",
         "compounding_error.png": "Action error against rollout step from demonstration start states (expert labels): "
@@ -436,21 +523,24 @@ def _markdown(rows, evaluated, correlations, optimizers, curves, figures) -> str
                                  "so late steps rest on fewer, mostly failing, episodes; a curve stops where fewer "
                                  f"than a quarter of its episodes, or fewer than {MIN_RUNNING}, still run.",
         "paired_differences.png": "DoPr minus its base optimizer in success rate, paired by training seed and episode "
-                                  "seed: grey dots are seeds, the bar the mean with its 95% t-interval "
-                                  "(red: excludes 0).",
+                                  "seed, on final checkpoints (and best ones, where runs were evaluated at several): "
+                                  "grey dots are seeds, the bar the mean with its 95% t-interval (red: excludes 0).",
+        "paired_return_differences.png": "The same for the tasks whose primary metric is return: DoPr minus its base "
+                                         "optimizer in mean return.",
     }
     for name in figures:
         lines += [f"![{name}]({name})", "", captions[name], ""]
     lines += ["## All checkpoints", "",
-              "| run | optimizer | policy | seed | step | val loss | success | 95% CI | episodes | init | horizon |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| run | optimizer | policy | seed | step | val loss | success | 95% CI | mean return (95% t CI) "
+              "| episodes | init | horizon |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ci = "-" if r.ci_low is None else f"{r.ci_low:.2f}-{r.ci_high:.2f}"
         success, episodes = _fmt(r.success_rate, '.3f'), _fmt(r.n_episodes, '')
         if r.incomplete:
             success, episodes = f"{MARK} incomplete, not used", f"{MARK} {r.incomplete}"
         lines.append(f"| {r.run} | {r.optimizer} | {r.policy} | {_fmt(r.seed, '')} | {_fmt(r.step, '')} | "
-                     f"{_fmt(r.val_loss)} | {success} | {ci} | {episodes} | "
+                     f"{_fmt(r.val_loss)} | {success} | {ci} | {_return_cell(r)} | {episodes} | "
                      f"{r.init or '-'} | {_fmt(r.horizon, '')} |")
     if curves:
         lines += ["", "## Compounding error", "",

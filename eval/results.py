@@ -35,6 +35,8 @@ class EvalResult:
     ci_low: float  # 95% Wilson interval of the success rate
     ci_high: float
     mean_return: float
+    return_ci_low: float  # 95% t interval of the mean return
+    return_ci_high: float
     mean_length: float
     time_to_success: float | None  # mean control steps to the first success, successful episodes only
     n_errors: int  # episodes lost to a worker fault (counted as failures)
@@ -58,7 +60,8 @@ class EvalResult:
         partial = "" if self.complete else f" INCOMPLETE: {self.n_episodes} of {self.episodes_requested} episodes,"
         tts = "-" if self.time_to_success is None else f"{self.time_to_success:.1f}"
         return (f"{self.task}:{partial} success {self.n_success}/{self.n_episodes} = {self.success_rate:.3f} "
-                f"(95% CI {self.ci_low:.3f}-{self.ci_high:.3f}), mean return {self.mean_return:.3f}, "
+                f"(95% CI {self.ci_low:.3f}-{self.ci_high:.3f}), mean return {self.mean_return:.3f} "
+                f"(95% t CI {self.return_ci_low:.3f} to {self.return_ci_high:.3f}), "
                 f"mean length {self.mean_length:.1f}, time to success {tts}, worker faults {self.n_errors}")
 
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from dopr.atomic import atomic_path
 from dopr.envs.episode import EpisodeLoop
+from dopr.temporal_ensemble import TemporalEnsembler
 
 VIDEO_SIZE = 256  # pixels, when the evaluator renders the scene itself
 
@@ -33,6 +34,8 @@ class EnvSpec:
     stop_on_success: bool = True  # end the episode at the first success (time to success = its step)
     label_with_expert: bool = False  # also record |action - expert.act(env)| per step
     video_dir: str | None = None  # where mp4s of episodes with record_video go
+    # ACT's decay: each chunk sent is blended with the earlier ones and one action is executed (None: the chunk)
+    temporal_ensemble: float | None = None
 
     def build(self) -> "RolloutWorker":
         """Runs in the worker process (dopr.envs.worker_pool)."""
@@ -60,6 +63,7 @@ class RolloutWorker:
         self.env = None
         self.expert = None
         self.episode: Episode | None = None
+        self.ensembler = TemporalEnsembler(spec.temporal_ensemble) if spec.temporal_ensemble is not None else None
 
     def build(self):
         from dopr.envs import make  # chooses the OpenGL backend (MUJOCO_GL) before mujoco loads
@@ -89,6 +93,8 @@ class RolloutWorker:
             obs = self.env.reset_to_state(episode.init_state)
         if self.expert is not None:
             self.expert.reset()
+        if self.ensembler is not None:
+            self.ensembler.reset()
         self.loop.start(obs)
         self.action_errors: list[float] = []
         self.frames: list[np.ndarray] | None = None
@@ -134,8 +140,11 @@ class RolloutWorker:
         return self._renderer.render()
 
     def act(self, actions: np.ndarray, keep_last: int) -> dict:
-        """Execute actions until the chunk or the episode ends; return the last observations."""
+        """Execute actions until the chunk or the episode ends; return the last observations. With temporal
+        ensembling the chunk is this step's prediction and one action, its blend with the earlier ones, runs."""
         loop, observations = self.loop, []
+        if self.ensembler is not None:
+            actions = [self.ensembler.update(actions)]
         for a in actions:
             if self.expert is not None:
                 label = np.asarray(self.expert.act(self.env), dtype=np.float64)

@@ -3,6 +3,7 @@
     run = read_run_record("out/runs/lift-mlp-dopr-adamw-s0")
     run.configuration, run.policy, run.seed        # from config.json (written by dopr.train)
     for ckpt in run.checkpoints:                   # complete ckpt-* folders, in step order
+    run.evaluated()                                # those with results.json, one per step
         ckpt.meta.step, ckpt.meta.val_loss, ckpt.meta.task
         ckpt.results                               # eval/results.json, or None when not evaluated
 
@@ -100,6 +101,16 @@ class RunRecord:
     @property
     def final(self) -> CheckpointRecord | None:
         return next((c for c in self.checkpoints if c.name == "ckpt-final"), None)
+
+    def evaluated(self) -> list[CheckpointRecord]:
+        """The checkpoints with an evaluation (results.json), one per training step, in step order. ckpt-final
+        repeats the last numbered step; where both were evaluated, ckpt-final stands for it (it is what a final
+        checkpoint's numbers are read from)."""
+        by_step = {}
+        for ckpt in self.checkpoints:  # in step order, ckpt-final after a numbered one of its step
+            if ckpt.results is not None:
+                by_step[ckpt.meta.step] = ckpt
+        return list(by_step.values())
 
     @property
     def task(self) -> str | None:

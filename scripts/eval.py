@@ -13,7 +13,8 @@ def add_parser(sub) -> None:
         description=(
             "Run a checkpoint closed-loop on the task recorded in its meta.json. Worker processes "
             "step the simulators; the policy runs once per control step on one batch of all running "
-            "episodes and each worker executes Ta actions of the predicted chunk (receding horizon). "
+            "episodes and each worker executes Ta actions of the predicted chunk (receding horizon; with "
+            "--temporal-ensemble, one blended action per control step). "
             "Episode i uses seed SEED_BASE+i, so the same checkpoint and seeds give the same results "
             "whatever --workers is. Writes <checkpoint>/eval/results.json (success rate with a 95% "
             "Wilson interval, protocol, versions) and episodes.jsonl (one line per episode, appended "

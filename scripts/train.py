@@ -38,9 +38,9 @@ def main(args) -> int:
         cfg = from_args(TrainConfig, args)
         evaluate = None
         if cfg.eval_every:
-            from dopr.eval import checkpoint_success_rate
+            from dopr.eval import checkpoint_evaluation
 
-            evaluate = checkpoint_success_rate(cfg)
+            evaluate = checkpoint_evaluation(cfg)
         final = train(cfg, evaluate)
     except KeyboardInterrupt:
         print(f"\ndopr train: interrupted; `dopr train ... --out {args.out} --resume` continues from the last "

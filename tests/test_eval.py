@@ -56,6 +56,9 @@ def test_success_stats_of_episode_records():
     assert (s.n_episodes, s.n_success, s.n_errors) == (4, 2, 1)
     assert s.success_rate == 0.5
     assert s.mean_return == pytest.approx(-0.125)
+    # returns 1, -2, 0.5, 0: squared deviations from -0.125 sum to 5.1875; t_0.975 at 3 degrees of freedom is 3.182
+    half = 3.182446 * math.sqrt(5.1875 / 3) / 2
+    assert (s.return_ci_low, s.return_ci_high) == pytest.approx((-0.125 - half, -0.125 + half), rel=1e-6)
     assert s.mean_length == pytest.approx(16.0)
     assert s.time_to_success == pytest.approx(15.0)  # over the successful episodes only
     assert (s.ci_low, s.ci_high) == wilson_interval(2, 4)
@@ -153,6 +156,12 @@ def test_results_files_record_protocol_and_episodes(checkpoint, reference):
     assert all(e["steps"] == HORIZON and e["error"] is None for e in lines)  # a random policy never succeeds
     assert saved["success_rate"] == reference.success_rate == 0.0
     assert saved["mean_return"] == pytest.approx(np.mean([e["return"] for e in lines]))
+    # its 95% t interval, and the printed summary says it
+    half = 3.182446 * np.std([e["return"] for e in lines], ddof=1) / 2
+    assert (saved["return_ci_low"], saved["return_ci_high"]) == pytest.approx(
+        (saved["mean_return"] - half, saved["mean_return"] + half), rel=1e-6)
+    assert (f"mean return {reference.mean_return:.3f} (95% t CI {reference.return_ci_low:.3f} to "
+            f"{reference.return_ci_high:.3f})") in reference.describe()
     # different seeds give different episodes (the initial states really come from the seeds)
     assert len({e["return"] for e in lines}) == 4
 
@@ -489,3 +498,79 @@ def test_dopr_eval_resumes_after_a_real_ctrl_c(checkpoint, tmp_path):
                                                        progress=False), out_dir=str(tmp_path / "uninterrupted"))
     assert _fingerprint(read_episodes(str(out))) == _fingerprint(whole.episodes)
     assert saved["n_success"] == whole.n_success and saved["mean_return"] == whole.mean_return
+
+
+# ---------------------------------------------------------------------------------------------
+# temporal ensembling (ACT's): one implementation, dopr.temporal_ensemble, shared with dopr.deploy.runtime
+
+
+def _run_worker(spec, chunks):
+    """A rollout worker in this process (what an evaluation worker process runs): reset, then one act per chunk."""
+    from dopr.eval.rollout_worker import Episode
+
+    worker = spec.build()
+    worker.reset(Episode(index=0, seed=3))
+    return [worker.act(np.asarray(chunk), keep_last=1) for chunk in chunks]
+
+
+def test_temporal_ensembling_executes_the_hand_computed_weighted_average():
+    from dopr.eval.rollout_worker import EnvSpec
+
+    decay, Ta, ticks = 0.3, 3, 6
+    chunks = np.random.default_rng(0).uniform(-1, 1, (ticks, Ta, 2))  # reacher: 2 joint torques
+    # tick t: row t-s of every chunk s still covering t (t-s < Ta), weighted exp(-decay j) with j = 0 the oldest
+    blended = []
+    for t in range(ticks):
+        covering = [s for s in range(t + 1) if t - s < Ta]
+        w = [math.exp(-decay * j) for j in range(len(covering))]
+        blended.append(sum(wj * chunks[s][t - s] for wj, s in zip(w, covering)) / sum(w))
+    ensembled = _run_worker(EnvSpec(TASK, horizon=HORIZON, temporal_ensemble=decay), chunks)
+    executed = _run_worker(EnvSpec(TASK, horizon=HORIZON), [a[None] for a in blended])  # the blends, one per call
+    assert [r["steps"] for r in ensembled] == list(range(1, ticks + 1))  # one action per chunk
+    for got, want in zip(ensembled, executed):
+        np.testing.assert_allclose(got["obs"][-1]["observation"], want["obs"][-1]["observation"], rtol=0, atol=1e-9)
+    # and not what receding horizon would have run (each chunk's first row)
+    first_rows = _run_worker(EnvSpec(TASK, horizon=HORIZON), chunks[:, :1])
+    assert not np.allclose(first_rows[-1]["obs"][-1]["observation"], executed[-1]["obs"][-1]["observation"])
+
+
+def test_evaluator_ensembles_every_control_step(checkpoint, tmp_path):
+    from dopr.eval import evaluate_checkpoint
+
+    def run(name, **kw):
+        return evaluate_checkpoint(checkpoint, EvalConfig(episodes=2, horizon=HORIZON, progress=False, **kw),
+                                   out_dir=str(tmp_path / name))
+
+    ensembled = run("te", temporal_ensemble=0.1)
+    assert ensembled.protocol["temporal_ensemble"] == 0.1 and ensembled.protocol["n_action_steps"] == 4
+    assert ensembled.timing["policy_calls"] == ensembled.timing["env_steps"] == 2 * HORIZON  # a call per step
+    # one-row chunks: the blend of one row is that row, so it is receding horizon with Ta = 1
+    one_row = run("te1", temporal_ensemble=0.1, n_action_steps=1)
+    assert _fingerprint(one_row.episodes) == _fingerprint(run("rh1", n_action_steps=1).episodes)
+    assert _fingerprint(ensembled.episodes) != _fingerprint(run("rh", n_action_steps=1).episodes)
+
+
+def test_dopr_eval_temporal_ensemble_is_a_protocol_of_its_own(checkpoint, reference, tmp_path, capsys):
+    import shutil
+
+    from dopr.scripts.cli import main
+
+    ckpt = str(tmp_path / "ckpt")
+    shutil.copytree(checkpoint, ckpt)  # holds the reference's complete receding-horizon evaluation
+    results = os.path.join(ckpt, "eval", "results.json")
+    common = ["eval", "--checkpoint", ckpt, "--episodes", "4", "--horizon", str(HORIZON), "--quiet", "--threads", "1"]
+    # a results.json written before the option existed: no entry, which means without ensembling
+    saved = json.load(open(results))
+    del saved["protocol"]["temporal_ensemble"]
+    json.dump(saved, open(results, "w"))
+    assert main(common + ["--temporal-ensemble", "0.1"]) == 2
+    assert "temporal_ensemble None there, 0.1 here" in capsys.readouterr().err
+    assert main(common) == 0 and "reused" in capsys.readouterr().out  # the same protocol as before
+
+    out = str(tmp_path / "te")
+    assert main(common + ["--temporal-ensemble", "0.1", "--out", out]) == 0
+    saved = json.load(open(os.path.join(out, "results.json")))
+    assert saved["complete"] and saved["protocol"]["temporal_ensemble"] == 0.1
+    assert saved["timing"]["policy_calls"] == saved["timing"]["env_steps"] == 4 * HORIZON
+    assert main(common + ["--out", out]) == 2  # receding horizon is not merged into it
+    assert "temporal_ensemble 0.1 there, None here" in capsys.readouterr().err

@@ -28,13 +28,15 @@ def experiment(tmp_path_factory):
 def test_experiment_table_has_every_cell_and_the_paired_comparison(experiment):
     cfg, table = experiment
     rows = [r for r in table.splitlines() if r.startswith("| reacher")]
-    cells = [r for r in rows if r.count("|") == 9]
+    cells = [r for r in rows if " - " not in r.split("|")[3]]  # the paired rows name "treatment - baseline"
     assert sorted(r.split("|")[3].strip() for r in cells) == [ADAMW_CONFIG, DOPR_CONFIG]
     for r in cells:
         assert r.split("|")[4].strip() == "2"  # seeds
         assert r.split("|")[5].strip() == "3"  # episodes per seed
+        # evaluated at steps 20 and 40: each seed's best checkpoint is shown too
+        assert r.count("|") == 11 and {step.strip() for step in r.split("|")[9].split(",")} <= {"20", "40"}
     paired = [r for r in rows if f"{DOPR_CONFIG} - {ADAMW_CONFIG}" in r]
-    assert len(paired) == 1
+    assert [r.split("|")[4].strip() for r in paired] == ["final", "best"]
     for run in os.listdir(os.path.join(cfg.out, "runs")):
         train_cfg = json.loads(open(os.path.join(cfg.out, "runs", run, "config.json")).read())
         assert train_cfg["lr"] == 1e-3, run

@@ -54,8 +54,8 @@ def test_report_from_real_runs(runs, tmp_path):
     md = open(path).read()
     rows = [line for line in md.splitlines()
             if line.startswith("| ") and ("| adamw |" in line or "| dopr-adamw |" in line)]
-    # the all-checkpoints table (11 columns): run, optimizer, policy, seed, step, val loss, success, CI, ...
-    table = [[c.strip() for c in r.strip("|").split("|")] for r in rows if r.count("|") == 12]
+    # the all-checkpoints table (12 columns): run, optimizer, policy, seed, step, val loss, success, CI, return, ...
+    table = [[c.strip() for c in r.strip("|").split("|")] for r in rows if r.count("|") == 13]
     assert len(table) == 6  # 2 runs x steps 20, 40, 60 (ckpt-final repeats step 60 and is merged)
     for run in runs:
         for ckpt in ("ckpt-0000020", "ckpt-final"):
@@ -63,9 +63,11 @@ def test_report_from_real_runs(runs, tmp_path):
             res = json.load(open(os.path.join(run, ckpt, "eval", "results.json")))
             (cells,) = [c for c in table if c[0] == os.path.basename(run) and c[4] == str(meta["step"])]
             assert cells[5] == f"{meta['val_loss']:.4g}" and cells[6] == f"{res['success_rate']:.3f}"
-            assert cells[8] == str(res["n_episodes"]) and cells[9] == "random" and cells[10] == "20"
+            assert cells[8] == (f"{res['mean_return']:.4g} ({res['return_ci_low']:.4g} to "
+                                f"{res['return_ci_high']:.4g})")
+            assert cells[9] == str(res["n_episodes"]) and cells[10] == "random" and cells[11] == "20"
         (unevaluated,) = [c for c in table if c[0] == os.path.basename(run) and c[4] == "40"]
-        assert unevaluated[6:9] == ["-", "-", "-"] and unevaluated[5] != "-"
+        assert unevaluated[6:10] == ["-", "-", "-", "-"] and unevaluated[5] != "-"
     for name in ("success_vs_val_loss.png", "training_curves.png", "compounding_error.png", "paired_differences.png"):
         assert f"![{name}]({name})" in md and os.path.getsize(tmp_path / name) > 5000
     assert _has_colour(str(tmp_path / "training_curves.png"), TAB10_BLUE)
@@ -75,7 +77,7 @@ def test_report_from_real_runs(runs, tmp_path):
     assert saved["compounding_error"][0]["optimizer"] == "dopr-adamw"
     # the final checkpoints as cells, and DoPr paired with AdamW (one seed: no interval over seeds)
     assert "DoPr against its base optimizer" in md
-    (paired,) = [r for r in md.splitlines() if r.startswith(f"| {TASK} | mlp | dopr-adamw - adamw | 1 |")]
+    (paired,) = [r for r in md.splitlines() if r.startswith(f"| {TASK} | mlp | dopr-adamw - adamw | final | 1 |")]
     assert "too few seeds to tell" in paired
 
 
@@ -93,21 +95,29 @@ def _hand_rho(pts):
     return 1 - 6 * np.sum(d * d) / (n * (n * n - 1))  # no ties
 
 
+
+def _assert_rho_over_independent_runs(saved, text, points, steps):
+    """rho (hand-computed) over 4 runs' final checkpoints, with a p-value, and within each step."""
+    rho = _hand_rho([p for p in points if p[3] == steps[-1]])
+    assert saved["final"]["all runs"]["rho"] == pytest.approx(rho) and saved["final"]["all runs"]["n"] == 4
+    assert 0 < saved["final"]["all runs"]["p_value"] <= 1
+    assert f"| all runs | final checkpoint of each run | {rho:+.3f} |" in text
+    for step in steps:
+        rho = _hand_rho([p for p in points if p[3] == step])
+        assert saved["within_step"][str(step)]["rho"] == pytest.approx(rho)
+        assert f"| all runs | step {step}, one checkpoint per run | {rho:+.3f} |" in text
+
 def _write_successes(run_dirs, chosen, n=20, ckpts=("ckpt-0000020", "ckpt-0000040", "ckpt-final")):
-    """results.json of each run's checkpoints, written by the evaluator's own code, with the chosen number of
-    successes out of n episodes: {run name: (k at ckpts[0], ...)}. Returns (run, val loss, success, step)."""
-    from dopr.atomic import write_json_atomic
-    from dopr.eval.metrics import success_stats
-    from dopr.eval.results import EvalResult
+    """results.json and episodes.jsonl of each run's checkpoints, written by the evaluator's own code, with the
+    chosen number of successes out of n episodes: {run name: (k at ckpts[0], ...)}. Returns (run, val loss,
+    success, step)."""
+    from tests.run_folders import episodes, write_evaluation
 
     points = []
     for run in run_dirs:
         name = os.path.basename(run)
         for ckpt, k in zip(ckpts, chosen[name]):
-            episodes = [{"episode": i, "success": i < k, "steps": 5, "return": 0.0,
-                         "time_to_success": 5 if i < k else None} for i in range(n)]
-            result = EvalResult(task=TASK, **vars(success_stats(episodes)), protocol={"init": "random", "horizon": 20})
-            write_json_atomic(os.path.join(run, ckpt, "eval", "results.json"), result.summary())
+            write_evaluation(os.path.join(run, ckpt), TASK, episodes(k, n=n))
             meta = json.load(open(os.path.join(run, ckpt, "meta.json")))
             points.append((name, meta["val_loss"], k / n, meta["step"]))
     return points
@@ -180,15 +190,8 @@ def test_report_correlations_match_hand_computed(runs, tmp_path):
     assert len({p[1] for p in points}) == 12 and len({p[2] for p in points}) == 12
 
     # independent units: the runs' final checkpoints, and the runs' checkpoints at one step
+    _assert_rho_over_independent_runs(saved, md, points, steps=(20, 40, 60))
     finals = [p for p in points if p[3] == 60]
-    rho = _hand_rho(finals)
-    assert saved["final"]["all runs"]["rho"] == pytest.approx(rho) and saved["final"]["all runs"]["n"] == 4
-    assert 0 < saved["final"]["all runs"]["p_value"] <= 1
-    assert f"| all runs | final checkpoint of each run | {rho:+.3f} |" in md
-    for step in (20, 40, 60):
-        rho = _hand_rho([p for p in points if p[3] == step])
-        assert saved["within_step"][str(step)]["rho"] == pytest.approx(rho)
-        assert f"| all runs | step {step}, one checkpoint per run | {rho:+.3f} |" in md
     for opt in OPTIMIZERS:  # two runs each: too few for a rank correlation
         assert saved["final"][opt]["n"] == 2 and saved["final"][opt]["rho"] is None  # NaN is written as null
         assert f"| {opt} | final checkpoint of each run | - | - | 2 |" in md
@@ -280,6 +283,47 @@ def test_incomplete_and_unequal_evaluations_are_marked_not_mixed(runs, tmp_path)
 
     table = comparison_table(cells_from_runs([adamw, dopr]))
     (cell,) = [r for r in table.splitlines() if r.startswith(f"| {TASK} | mlp | adamw |")]
-    assert cell.count(MARK) == 3 and "seed 0: 2 of 5 (incomplete) episodes" in table
-    (paired,) = [r for r in table.splitlines() if "dopr-adamw - adamw" in r]
-    assert paired.endswith(f"{MARK} |")
+    # the final checkpoint's episodes, success and its interval; and the best one, picked without that evaluation
+    assert cell.count(MARK) == 4 and "seed 0: 2 of 5 (incomplete) episodes" in table
+    final, best = [r for r in table.splitlines() if "dopr-adamw - adamw" in r]
+    assert "| final |" in final and final.endswith(f"{MARK} |")
+    # adamw's best checkpoint is picked without its incomplete final evaluation, and marked for it
+    assert "| best |" in best and best.endswith(f"{MARK} |")
+    assert "seed 0: best among steps 20, the incomplete evaluation at step 60 left out" in table
+
+
+def test_return_task_report_correlations_match_hand_computed(tmp_path):
+    """hopper runs (primary metric return), hand-built with 3 evaluated checkpoints each: Spearman's rho of
+    validation loss and mean return over independent runs (final checkpoints; each step) against a hand
+    computation, the all-checkpoint rho only described, the figure and the paired return differences."""
+    from dopr.eval.report import build_report
+    from tests.run_folders import write_study
+
+    returns = {"adamw": {0: (500.0, 900.0, 1200.0), 1: (650.0, 950.0, 800.0)},
+               "dopr-adamw": {0: (300.0, 1100.0, 1500.0), 1: (450.0, 1000.0, 1300.0)}}
+    scale = {("adamw", 0): 1.0, ("adamw", 1): 1.3, ("dopr-adamw", 0): 0.8, ("dopr-adamw", 1): 1.1}
+    runs = write_study(tmp_path / "runs", "hopper", returns,
+                       val_loss=lambda optim, seed, step: scale[optim, seed] * 1000 / step)
+    build_report(runs, str(tmp_path / "out"))
+    md = open(tmp_path / "out" / "report.md").read()
+    saved = json.load(open(tmp_path / "out" / "report.json"))["spearman_val_loss_vs_return"]["hopper"]
+    points = [(f"{optim}-s{seed}", scale[optim, seed] * 1000 / step, value, step)
+              for optim, by_seed in returns.items() for seed, values in by_seed.items()
+              for step, value in zip((1000, 2000, 3000), values)]
+    section = md[md.index("## Spearman rank correlation, validation loss vs return (hopper)"):]
+    section = section[:section.index("\n## ")]
+
+    _assert_rho_over_independent_runs(saved, section, points, steps=(1000, 2000, 3000))
+    rho = _hand_rho(points)
+    assert saved["pooled_checkpoints"]["rho"] == pytest.approx(rho) and saved["pooled_checkpoints"]["p_value"] is None
+    assert f"| all checkpoints (descriptive) | every evaluated checkpoint of 4 runs, steps mixed | {rho:+.3f} | - " \
+           "| 12 |" in section
+    assert "Return against validation loss, hopper (its primary metric" in md
+    assert "and training step moves both validation loss and return)" in md
+    for name in ("return_vs_val_loss.png", "paired_return_differences.png"):
+        assert f"![{name}]({name})" in md and os.path.getsize(tmp_path / "out" / name) > 5000
+    assert _has_colour(str(tmp_path / "out" / "return_vs_val_loss.png"), TAB10_ORANGE)
+    # the table under the report: paired mean-return differences on final and best checkpoints
+    final, best = [r for r in md.splitlines() if r.startswith("| hopper | mlp | dopr-adamw - adamw |")]
+    # final: 1500 - 1200 and 1300 - 800; best: the same but adamw seed 1 at its step 2000, 1300 - 950
+    assert "| final | 2 | +400.00 |" in final and "| best | 2 | +325.00 |" in best

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = {"atomic", "lazy", "options", "ray_cluster"}  # top-level helpers every stage may use; they import no stage
+# top-level helpers every stage may use; they import no stage
+SHARED = {"atomic", "lazy", "options", "temporal_ensemble", "ray_cluster"}
 # stage -> the stages it may import
 ALLOWED = {
     "data": set(),

@@ -333,7 +333,7 @@ def test_resume_completes_the_evaluation_a_kill_interrupted(store, tmp_path):
         calls.append(Path(checkpoint).name)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return 0.25
+        return {"eval_success_rate": 0.25, "eval_episodes": 3}
 
     cfg = TrainConfig(data=str(store), out=str(tmp_path), optim="adamw", steps=30, batch_size=32, eval_every=10,
                       eval_episodes=3, threads=1, progress=False)

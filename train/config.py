@@ -16,7 +16,8 @@ MLP_KINDS = LazyChoices("dopr.policies.config", "MLP_KINDS")  # the policies tha
 # Fields that may differ between a run and its resumption (they do not change the weights).
 # A moved run folder or dataset is fine: the dataset is checked by its fingerprint instead of its path.
 RESUME_MAY_CHANGE = {"resume", "out", "data", "configuration", "threads", "eval_every", "eval_episodes",
-                     "eval_workers", "eval_horizon", "log_every", "progress"}
+                     "eval_workers", "eval_horizon", "eval_videos", "log_every", "progress", "wandb", "wandb_project",
+                     "wandb_name", "wandb_group", "wandb_mode"}
 
 
 @dataclass
@@ -60,6 +61,8 @@ class TrainConfig:
     eval_episodes: int = option(50, "episodes per evaluation (default %(default)s)")
     eval_workers: int = option(1, "evaluation worker processes (default %(default)s)")
     eval_horizon: int | None = option(None, "evaluation episode length in control steps (default: the task's)")
+    eval_videos: int = option(0, "mp4 videos of the first K episodes of every evaluation, logged with --wandb "
+                                 "(default %(default)s; needs offscreen rendering, as dopr eval --videos)")
     obs_keys: list[str] | None = option(None, "comma-separated observation keys (default: the store's "
                                               "attrs['obs_keys'])")
     n_obs_steps: int = option(2, "To (default %(default)s)", flags=("--n-obs-steps", "--To"))
@@ -83,6 +86,13 @@ class TrainConfig:
         None, "continue from the latest checkpoint in --out, or from the checkpoint folder given",
         nargs="?", const="latest")
     progress: bool = option(True, "no tqdm bar")
+    wandb: bool = option(False, "also log the metrics (and evaluation videos) to Weights & Biases; the optional "
+                                'extra pip install -e ".[wandb]"; WANDB_* environment variables apply')
+    wandb_project: str | None = option(None, "wandb project (default: $WANDB_PROJECT, else dopr)")
+    wandb_name: str | None = option(None, "wandb run name (default: the run folder's name)")
+    wandb_group: str | None = option(None, "wandb group (default: none; dopr experiment: its folder's name)")
+    wandb_mode: str | None = option(None, "wandb mode (default: $WANDB_MODE, else online)",
+                                    choices=("online", "offline", "disabled"))
 
 
 def resolve_defaults(cfg: TrainConfig, store) -> TrainConfig:

@@ -5,6 +5,7 @@ The run folder (others read it):
     metrics.jsonl            one JSON object per logged step: step, train_loss, lr, steps_per_s,
                              data_frac, and val_loss / val_action_mse / eval_* when computed then
     tb/                      TensorBoard
+    wandb.json               with --wandb: the wandb run's id, which a resumed run logs into
     ckpt-0001000/ ckpt-final/  checkpoints (dopr.policies.checkpoint), written atomically
 
 Determinism: the batch of step s is a function of (seed, s) alone (`StepBatches`), and the
@@ -84,9 +85,10 @@ def build_training_state(cfg: TrainConfig, train_set, obs_shapes: dict, action_d
     return TrainingState(policy, ema_policy, EMA(policy, ema_policy, cfg.ema_decay), optimizer, scheduler), model
 
 
-def train(cfg: TrainConfig, evaluate: Callable[[Path], float] | None = None) -> Path:
-    """Train; returns the ckpt-final folder. With cfg.eval_every, `evaluate(checkpoint)` gives the closed-loop
-    success rate of a checkpoint (dopr.eval.checkpoint_success_rate; training does not import evaluation)."""
+def train(cfg: TrainConfig, evaluate: Callable[[Path], dict] | None = None) -> Path:
+    """Train; returns the ckpt-final folder. With cfg.eval_every, `evaluate(checkpoint)` evaluates a checkpoint
+    closed-loop and gives the eval_* entries of its metrics line: eval_success_rate, eval_episodes, and
+    eval_videos when it wrote videos (dopr.eval.checkpoint_evaluation; training does not import evaluation)."""
     import torch
     import torch.distributed as dist
     from tqdm import tqdm
@@ -139,13 +141,18 @@ def train(cfg: TrainConfig, evaluate: Callable[[Path], float] | None = None) -> 
         state.resume(cfg, meta["dataset"]["fingerprint"], world, rank)
     if main_process:
         write_json_atomic(run_dir / "config.json", dataclasses.asdict(cfg))
-        log = MetricsLog(run_dir, state.step)
+        wandb = None
+        if cfg.wandb:
+            from dopr.train.wandb_log import WandbLog
+
+            wandb = WandbLog(run_dir, dataclasses.asdict(cfg), cfg.wandb_project, cfg.wandb_name, cfg.wandb_group,
+                             cfg.wandb_mode)
+        log = MetricsLog(run_dir, state.step, wandb)
     if cfg.eval_every and cfg.resume and state.step and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
         # A kill during the resumed checkpoint's evaluation left it unfinished and unlogged: complete it
         # (the evaluation runs only its missing episodes; a complete one is reused as it is).
         if main_process and not any(r.get("step") == state.step and "eval_success_rate" in r for r in log.kept):
-            success = float(evaluate(run_dir / checkpoint_name(state.step)))
-            log.write({"step": state.step, "eval_success_rate": success, "eval_episodes": cfg.eval_episodes})
+            log.write({"step": state.step, **evaluate(run_dir / checkpoint_name(state.step))})
         if distributed:
             dist.barrier()
 
@@ -205,7 +212,7 @@ def train(cfg: TrainConfig, evaluate: Callable[[Path], float] | None = None) -> 
             ckpt = save("ckpt-final")
         if cfg.eval_every and due(cfg.eval_every):
             if main_process:
-                record.update(step=done, eval_success_rate=float(evaluate(ckpt)), eval_episodes=cfg.eval_episodes)
+                record.update(step=done, **evaluate(ckpt))
             if distributed:
                 dist.barrier()
         if due(cfg.val_every) or (cfg.eval_every and due(cfg.eval_every)):

@@ -1,4 +1,4 @@
-"""metrics.jsonl and TensorBoard: one record per logged step, and the throughput window it reports."""
+"""metrics.jsonl, TensorBoard and optionally wandb: one record per logged step, and the throughput window it reports."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from dopr.atomic import json_line, read_jsonl, write_text_atomic
 
 
 class MetricsLog:
-    """metrics.jsonl (flushed per line) and TensorBoard. On resume, lines after the resumed step
-    (and a line cut by a kill) are dropped, so the file reads as one run."""
+    """metrics.jsonl (flushed per line), TensorBoard, and wandb when given one (dopr.train.wandb_log). On resume,
+    lines after the resumed step (and a line cut by a kill) are dropped, so the file reads as one run."""
 
-    def __init__(self, run_dir: Path, start_step: int):
+    def __init__(self, run_dir: Path, start_step: int, wandb=None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = run_dir / "metrics.jsonl"
@@ -23,6 +23,7 @@ class MetricsLog:
         self.kept = kept  # the records of the run up to the resumed step
         self.file = open(self.path, "a")
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.wandb = wandb
 
     def write(self, record: dict) -> None:
         self.file.write(json_line(record))  # strict JSON: a NaN loss is written as null
@@ -30,10 +31,14 @@ class MetricsLog:
         for k, v in record.items():
             if k != "step" and isinstance(v, (int, float)):
                 self.tb.add_scalar(k, v, record["step"])
+        if self.wandb is not None:
+            self.wandb.log(record)
 
     def close(self) -> None:
         self.file.close()
         self.tb.close()
+        if self.wandb is not None:
+            self.wandb.close()
 
 
 class ThroughputWindow:
