@@ -67,6 +67,29 @@ def test_experiment_reuses_demos_and_finished_runs(experiment, capsys):
         assert os.path.getmtime(os.path.join(cfg.out, "runs", run, "ckpt-final", "meta.json")) == mtime
 
 
+def test_run_killed_just_before_its_final_checkpoint_is_finished_by_a_rerun(experiment, tmp_path, capsys):
+    """What a kill between the last step's checkpoint and ckpt-final leaves (made exactly, in a copy of the
+    experiment: that run's ckpt-final and last log line gone): the same command writes ckpt-final from the last
+    step's checkpoint and evaluates it, giving the uninterrupted table."""
+    import dataclasses
+    import shutil
+
+    from dopr.eval.experiment import run_experiment
+
+    cfg, table = experiment
+    copy = tmp_path / "experiment"
+    shutil.copytree(cfg.out, copy)
+    run = copy / "runs" / "reacher-mlp-adamw_lr1e-3-s0"
+    shutil.rmtree(run / "ckpt-final")
+    log = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(log[:-1]) + "\n")
+    assert run_experiment(dataclasses.replace(cfg, out=str(copy))) == table
+    assert f"{run.name}: resumed from its latest checkpoint, trained and evaluated" in capsys.readouterr().out
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 40 and last["eval_success_rate"] == json.loads(log[-1])["eval_success_rate"]
+    assert last["val_loss"] == json.loads(log[-1])["val_loss"]
+
+
 def test_experiment_config_file_rejects_unknown_options(tmp_path):
     from dopr.eval.experiment import ExperimentConfig
 

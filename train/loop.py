@@ -179,7 +179,7 @@ def train(cfg: TrainConfig, evaluate: Callable[[Path], dict] | None = None) -> P
             val = state.last_val if state.last_val and state.last_val["step"] == state.step else {}
             record = {**val, "step": state.step}
             if cfg.eval_every:
-                record.update(eval_success_rate=float(evaluate(final)), eval_episodes=cfg.eval_episodes)
+                record.update(evaluate(final))
             log.write(record)
         if distributed:
             dist.barrier()
