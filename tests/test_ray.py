@@ -29,9 +29,15 @@ checkpoint, reference = test_eval.checkpoint, test_eval.reference
 ray_marked = pytest.mark.ray
 
 
-def _short_temp_dir() -> str:
+def _short_temp_dir():
     # Ray's socket paths under its temp dir must fit in 107 bytes: pytest's tmp_path is too deep
-    return tempfile.mkdtemp(prefix="dopr-ray-", dir="/tmp")
+    return tempfile.TemporaryDirectory(prefix="dopr-ray-", dir="/tmp", ignore_cleanup_errors=True)
+
+
+@pytest.fixture
+def ray_temp_dir():
+    with _short_temp_dir() as temp:
+        yield temp
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +47,8 @@ def local_ray():
         pytest.skip('needs the ray extra: pip install -e ".[ray]"')
     from dopr.ray_cluster import ray_session
 
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("RAY_TMPDIR", _short_temp_dir())
+    with _short_temp_dir() as temp, pytest.MonkeyPatch.context() as env:
+        env.setenv("RAY_TMPDIR", temp)
         with ray_session(num_cpus=2) as ray:
             yield ray
 
@@ -300,11 +306,11 @@ def test_crashed_run_is_reported_retried_and_resumed(local_ray, sequential, tmp_
 
 
 @ray_marked
-def test_experiment_resumes_after_its_driver_is_killed(local_ray, sequential, tmp_path):
+def test_experiment_resumes_after_its_driver_is_killed(local_ray, sequential, tmp_path, ray_temp_dir):
     """`dopr experiment --backend ray` starting its own local Ray, SIGKILLed mid-run: its run tasks die with it,
     and the same command run again, here on an existing cluster (--address), reuses what finished and resumes the
     rest from their checkpoints."""
-    temp = _short_temp_dir()
+    temp = ray_temp_dir
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": temp}
     cmd = [sys.executable, "-m", "dopr", "experiment", *FLAGS, "--backend", "ray", "--max-parallel", "2",
            "--out", str(tmp_path)]
