@@ -325,8 +325,8 @@ def test_experiment_resumes_after_its_driver_is_killed(local_ray, sequential, tm
     finally:
         if driver.poll() is None:
             driver.kill()
-    # Ray ends a driver's local cluster, and its tasks, with it (a couple of idle helper processes are left;
-    # they are this test's, found by the temp dir in their environment, and ended here)
+    # Ray ends a driver's local cluster, and its tasks, with it. What still runs with this test's RAY_TMPDIR in its
+    # environment is ended here (Ray's two helper agents, started without it, notice and exit within a minute or two)
     t0 = time.monotonic()
     while [pid for pid, title in _ray_processes_of(temp).items() if "dopr-run" in title]:
         assert time.monotonic() - t0 < 60, "a run task outlived its driver"
