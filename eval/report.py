@@ -24,12 +24,11 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 
 from dopr.atomic import atomic_path, write_json_atomic, write_text_atomic
+from dopr.eval.comparison import MARK  # the table's mark for an incomplete evaluation, here too
 from dopr.eval.compounding_error import MIN_RUNNING, shown_part
 from dopr.eval.metrics import spearman, wilson_interval
 from dopr.eval.results import EpisodeCount
 from dopr.eval.runs import is_run_folder, read_run_record
-
-MARK = "†"  # an incomplete evaluation
 
 
 @dataclass
