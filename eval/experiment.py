@@ -197,6 +197,9 @@ def run_experiment(cfg: ExperimentConfig) -> str:
         if bad:
             raise ValueError(f"unknown {name}(s) {bad}; choose from {list(allowed)}")
     configurations = [Configuration.parse(spec) for spec in cfg.optims]
+    if cfg.eval_every < 1:  # training evaluates every run's final checkpoint: the table is made of those
+        raise ValueError(f"--eval-every {cfg.eval_every}: an experiment evaluates its runs as they train; give at "
+                         f"least 1 (the number of steps evaluates only the final checkpoint)")
     if cfg.wandb:  # a missing extra is said now, not after the collection
         from dopr.lazy import require
 
@@ -260,15 +263,21 @@ def run_one(cfg: ExperimentConfig, run: Run, bars: bool = False) -> str:
     evaluation completed when interrupted), whichever process runs it next."""
     from pathlib import Path
 
+    from dopr.atomic import read_jsonl
     from dopr.eval import EvalConfig, checkpoint_evaluation, evaluate_checkpoint, measure_compounding_error
-    from dopr.eval.results import COMPOUNDING_FILE
+    from dopr.eval.results import COMPOUNDING_FILE, EPISODES_FILE, read_episodes
+    from dopr.policies.checkpoint import is_complete_checkpoint
     from dopr.train import train
+    from dopr.train.metrics_log import logs_evaluation
 
     folder = Path(run.folder)
     final = folder / "ckpt-final"
-    if final.exists():
-        # the evaluation training makes (checkpoint_evaluation): reused only when complete
-        # with this protocol; an interrupted one runs its missing episodes
+    metrics = folder / "metrics.jsonl"
+    if (is_complete_checkpoint(final) and metrics.exists()
+            and logs_evaluation(read_jsonl(metrics), cfg.steps[run.policy])):
+        # Trained, and its final evaluation logged (else training's resume finishes and logs it). The evaluation
+        # training made (checkpoint_evaluation) is reused only when complete with this protocol; one begun with
+        # fewer episodes runs the missing ones.
         result = evaluate_checkpoint(str(final), EvalConfig(
             episodes=cfg.eval_episodes, workers=cfg.workers, horizon=cfg.horizon, device=cfg.device, progress=bars))
         done = ("trained and evaluated, reused" if not result.timing["episodes_run"] else
@@ -289,8 +298,12 @@ def run_one(cfg: ExperimentConfig, run: Run, bars: bool = False) -> str:
             wandb=cfg.wandb, wandb_project=cfg.wandb_project, wandb_mode=cfg.wandb_mode,
             wandb_group=Path(cfg.out).absolute().name,
         )
+        trained = is_complete_checkpoint(final)  # every step done: training only finishes the final evaluation
+        before = len(read_episodes(str(final / "eval"))) if (final / "eval" / EPISODES_FILE).exists() else 0
         train(train_cfg, checkpoint_evaluation(train_cfg))
-        done = "resumed from its latest checkpoint, trained and evaluated" if resume else "trained and evaluated"
+        done = (f"final checkpoint evaluated ({len(read_episodes(str(final / 'eval'))) - before} episodes run)"
+                if trained else
+                "resumed from its latest checkpoint, trained and evaluated" if resume else "trained and evaluated")
     # The compounding-error curve: the final policy from the demonstrations' start states,
     # its actions against the expert's labels in the states it reaches.
     if cfg.compounding_episodes and not (final / "eval" / COMPOUNDING_FILE).exists():

@@ -154,6 +154,11 @@ def test_ctrl_c_mid_evaluation_then_a_rerun_completes_it(tmp_path, capsys):
     assert f"final checkpoint evaluated ({episodes - len(first)} episodes run)" in out and "reused" not in out
     assert MARK not in table
     assert open(run / "ckpt-final" / "eval" / "episodes.jsonl").read().splitlines()[:len(first)] == first
+    # and training's log gets the final evaluation the Ctrl-C kept it from writing
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 20 and last["eval_episodes"] == episodes
+    assert last["eval_success_rate"] == pytest.approx(
+        sum(e["success"] for e in read_episodes(str(run / "ckpt-final" / "eval"))) / episodes)
     whole = evaluate_checkpoint(str(run / "ckpt-final"), EvalConfig(episodes=episodes, horizon=horizon, progress=False),
                                 out_dir=str(tmp_path / "uninterrupted"))
     fingerprint = [(e["seed"], e["success"], e["steps"], e["return"]) for e in whole.episodes]

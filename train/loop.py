@@ -26,7 +26,7 @@ from dopr.atomic import write_json_atomic
 from dopr.train.batches import StepBatches, to_device
 from dopr.train.checkpointing import TrainingState, checkpoint_meta, rng_state
 from dopr.train.config import TrainConfig, resolve_defaults
-from dopr.train.metrics_log import MetricsLog, ThroughputWindow
+from dopr.train.metrics_log import MetricsLog, ThroughputWindow, logs_evaluation
 from dopr.train.validation import validate
 
 
@@ -151,7 +151,7 @@ def train(cfg: TrainConfig, evaluate: Callable[[Path], dict] | None = None) -> P
     if cfg.eval_every and cfg.resume and state.step and state.step % cfg.eval_every == 0 and state.step < cfg.steps:
         # A kill during the resumed checkpoint's evaluation left it unfinished and unlogged: complete it
         # (the evaluation runs only its missing episodes; a complete one is reused as it is).
-        if main_process and not any(r.get("step") == state.step and "eval_success_rate" in r for r in log.kept):
+        if main_process and not logs_evaluation(log.kept, state.step):
             log.write({"step": state.step, **evaluate(run_dir / checkpoint_name(state.step))})
         if distributed:
             dist.barrier()
@@ -171,11 +171,17 @@ def train(cfg: TrainConfig, evaluate: Callable[[Path], dict] | None = None) -> P
     def due(every: int) -> bool:  # every K steps (0: never), and at the end
         return bool(every and state.step % every == 0) or state.step == cfg.steps
 
-    if cfg.resume and state.step == cfg.steps and not is_complete_checkpoint(run_dir / "ckpt-final"):
-        # Killed after the last step's checkpoint, before ckpt-final: every step is done. Write ckpt-final, and
-        # evaluate and log it, as the last step would have (its validation came back with the checkpoint).
-        final = save("ckpt-final")
-        if main_process:
+    if cfg.resume and state.step == cfg.steps:
+        # Killed after the last step's checkpoint: every step is done, but ckpt-final may be missing (killed before
+        # it was written) or its evaluation unlogged (killed during it). Finish what the last step would have done:
+        # write ckpt-final, evaluate it (only its missing episodes) and log it with the validation that came back
+        # with the checkpoint.
+        final = run_dir / "ckpt-final"
+        if not is_complete_checkpoint(final):
+            final = save("ckpt-final")
+        logged = (logs_evaluation(log.kept, state.step) if cfg.eval_every
+                  else any(r.get("step") == state.step for r in log.kept)) if main_process else True
+        if not logged:
             val = state.last_val if state.last_val and state.last_val["step"] == state.step else {}
             record = {**val, "step": state.step}
             if cfg.eval_every:

@@ -8,6 +8,12 @@ from pathlib import Path
 from dopr.atomic import json_line, read_jsonl, write_text_atomic
 
 
+def logs_evaluation(records: list[dict], step: int) -> bool:
+    """Whether metrics.jsonl's records hold the closed-loop evaluation of `step`'s checkpoint: written in one line
+    after the evaluation ends, so a kill during the evaluation leaves it out."""
+    return any(r.get("step") == step and "eval_success_rate" in r for r in records)
+
+
 class MetricsLog:
     """metrics.jsonl (flushed per line), TensorBoard, and wandb when given one (dopr.train.wandb_log). On resume,
     lines after the resumed step (and a line cut by a kill) are dropped, so the file reads as one run."""
