@@ -68,7 +68,9 @@ def read_run(run_dir: str) -> tuple[list[CheckpointRow], list[dict], list[dict]]
         res = ckpt.results
         count = EpisodeCount.of(res) if res is not None else None
         if count is not None and not count.complete:
-            row.incomplete = f"{count.done} of {count.requested} episodes, success {res['success_rate']:.3f}"
+            # killed before its first episode ended, an evaluation has no success rate yet (null in results.json)
+            so_far = "" if res["success_rate"] is None else f", success {res['success_rate']:.3f}"
+            row.incomplete = f"{count.done} of {count.requested} episodes{so_far}"
         elif res is not None:
             row.success_rate, row.ci_low, row.ci_high = res["success_rate"], res["ci_low"], res["ci_high"]
             row.mean_return = res["mean_return"]

@@ -292,6 +292,22 @@ def test_incomplete_and_unequal_evaluations_are_marked_not_mixed(runs, tmp_path)
     assert "seed 0: best among steps 20, the incomplete evaluation at step 60 left out" in table
 
 
+def test_evaluation_killed_before_its_first_episode_is_marked(runs, tmp_path):
+    """What a kill right after an evaluation began leaves (results.json with 0 of 5 episodes, success null, as a Ray
+    run task killed at its first checkpoint left it): the report and table mark it instead of failing."""
+    from dopr.eval.comparison import MARK, cells_from_runs, comparison_table
+    from dopr.eval.report import build_report
+    from tests.run_folders import write_evaluation
+
+    adamw, dopr = _copies(runs, tmp_path)
+    write_evaluation(os.path.join(adamw, "ckpt-final"), TASK, [], requested=5)
+    assert json.load(open(os.path.join(adamw, "ckpt-final", "eval", "results.json")))["success_rate"] is None
+    md = open(build_report([adamw, dopr], str(tmp_path / "report"))).read()
+    (row,) = [r for r in md.splitlines() if r.startswith("| adamw |") and "| 60 |" in r]
+    assert f"{MARK} 0 of 5 episodes" in row
+    assert "seed 0: 0 of 5 (incomplete) episodes" in comparison_table(cells_from_runs([adamw, dopr]))
+
+
 def test_return_task_report_correlations_match_hand_computed(tmp_path):
     """hopper runs (primary metric return), hand-built with 3 evaluated checkpoints each: Spearman's rho of
     validation loss and mean return over independent runs (final checkpoints; each step) against a hand
