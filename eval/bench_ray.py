@@ -27,16 +27,6 @@ class _Echo:
         return x
 
 
-def _import_run_code() -> float:
-    """In a Ray worker: import a run's code; returns when it is done (wall clock, same machine as the caller)."""
-    import torch  # noqa: F401
-
-    import dopr.eval.evaluator  # noqa: F401
-    import dopr.train.loop  # noqa: F401
-
-    return time.time()
-
-
 def _noop():
     return None
 
@@ -72,6 +62,7 @@ def main(argv=None) -> int:
 
     from dopr.envs.ray_pool import RayWorkerPool
     from dopr.envs.worker_pool import WorkerPool
+    from dopr.eval.experiment_ray import import_run_code
     from dopr.ray_cluster import ray_session
 
     t0 = time.perf_counter()
@@ -80,8 +71,8 @@ def main(argv=None) -> int:
         noop = ray.remote(_noop)
         noop_ms = _median_ms(lambda: ray.get(noop.remote()), args.repeats)
         # max_calls=1: the worker exits after the call, so every call starts a new process, as a run's first task does
-        cold_task = ray.remote(max_calls=1)(_import_run_code)
-        warm_task = ray.remote(_import_run_code)
+        cold_task = ray.remote(max_calls=1)(import_run_code)
+        warm_task = ray.remote(import_run_code)
         cold = []
         for _ in range(args.cold_starts):
             submitted = time.time()

@@ -181,6 +181,7 @@ class Run:
 
 def run_experiment(cfg: ExperimentConfig) -> str:
     """Runs what is missing of the experiment; returns the markdown table."""
+    import contextlib
     import sys
     import time
     from collections import Counter
@@ -217,28 +218,29 @@ def run_experiment(cfg: ExperimentConfig) -> str:
     (out / "experiment.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     started = time.time()
 
-    # every task's demonstrations first (here, whatever the backend), then the runs, which only read them
-    runs = []
-    for task in cfg.tasks:
-        demos = Path(cfg.demos_dir or out / "demos").absolute() / f"{task}-{cfg.demos}.zarr"
-        print(f"[experiment] {task}: {cfg.demos} demonstrations -> {demos}", flush=True)
-        collect(CollectConfig(task=task, n_episodes=cfg.demos, out=str(demos), workers=cfg.workers,
-                              seed=0, noise_std=cfg.demo_noise_std, progress=bars))
-        runs += [Run(task, policy, config, seed, str(out / "runs" / f"{task}-{policy}-{config.slug}-s{seed}"),
-                     str(demos))
-                 for policy in cfg.policies for config in configurations
-                 for seed in range(cfg.seed_offset, cfg.seed_offset + cfg.seeds)]
-
-    progress = RunProgress(len(runs), bars)
+    demos = {task: Path(cfg.demos_dir or out / "demos").absolute() / f"{task}-{cfg.demos}.zarr" for task in cfg.tasks}
+    runs = [Run(task, policy, config, seed, str(out / "runs" / f"{task}-{policy}-{config.slug}-s{seed}"),
+                str(demos[task]))
+            for task in cfg.tasks for policy in cfg.policies for config in configurations
+            for seed in range(cfg.seed_offset, cfg.seed_offset + cfg.seeds)]
     failed: dict[str, str] = {}
-    if cfg.backend == "ray":
-        from dopr.eval.experiment_ray import run_on_ray
+    with contextlib.ExitStack() as stack:
+        if cfg.backend == "ray":  # Ray starts while the demonstrations are collected
+            from dopr.eval.experiment_ray import ray_starting, run_on_ray
 
-        failed = run_on_ray(cfg, runs, progress)
-    else:
-        for run in runs:
-            progress.finished(run.name, run_one(cfg, run, bars))
-    progress.close()
+            ray_ready = stack.enter_context(ray_starting(cfg, len(runs)))
+        # every task's demonstrations first (here, whatever the backend), then the runs, which only read them
+        for task in cfg.tasks:
+            print(f"[experiment] {task}: {cfg.demos} demonstrations -> {demos[task]}", flush=True)
+            collect(CollectConfig(task=task, n_episodes=cfg.demos, out=str(demos[task]), workers=cfg.workers,
+                                  seed=0, noise_std=cfg.demo_noise_std, progress=bars))
+        progress = RunProgress(len(runs), bars)
+        if cfg.backend == "ray":
+            failed = run_on_ray(cfg, ray_ready(), runs, progress)
+        else:
+            for run in runs:
+                progress.finished(run.name, run_one(cfg, run, bars))
+        progress.close()
 
     run_dirs = [run.folder for run in runs]
     cells = cells_from_runs(run_dirs)
