@@ -99,6 +99,7 @@ GYM_TASKS: dict[str, TaskSpec] = {
 GYM_TASKS.update({
     name: TaskSpec(name=name, kind="gymnasium", env_id=env_id, horizon=1000, lowdim_keys=("observation",),
                    image_keys=("image",), action_dim=action_dim, control_freq=freq, demo_steps=1000,
+                   policy_chunks=(1, 1, 1),
                    extra={"success": "survived: reaches the horizon without the episode terminating",
                           "expert": "rl", "metric": "return"})
     for name, (env_id, action_dim, freq) in LOCOMOTION_TASKS.items()

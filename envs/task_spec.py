@@ -22,6 +22,11 @@ class TaskSpec:
     action_dim: int = 7
     control_freq: float = 20.0  # control steps per second
     demo_steps: int = 0  # typical length of a scripted expert episode (0: unknown)
+    # (To, Tp, Ta) that a policy trained on the task's demonstrations gets unless told otherwise (`dopr collect`
+    # records it in the store). None: the policies' own (diffusion_policy's 2, 16, 8, for manipulation). The
+    # locomotion tasks: one observation to one action, as a 67-125 Hz controller cannot keep its balance while
+    # executing open-loop chunks.
+    policy_chunks: tuple[int, int, int] | None = None
     extra: dict = field(default_factory=dict)  # simulator-specific construction options
 
 

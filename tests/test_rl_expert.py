@@ -92,6 +92,34 @@ def test_collect_with_an_rl_expert_stores_its_deterministic_labels(tmp_path):
     assert store.attrs["collect"]["expert"]["path"] == str(tmp_path / "expert")
 
 
+def test_a_locomotion_store_trains_one_observation_to_one_action(tmp_path):
+    """To, Tp, Ta default to what the store's task asks for (its TaskSpec, recorded by collect): 1, 1, 1 for
+    locomotion, so `dopr experiment --tasks humanoid --policies resmlp` runs the paper's controller without
+    flags; a store that records none gets the policies' 2, 16, 8, and flags override either."""
+    from dopr.policies.checkpoint import load_checkpoint_meta
+    from dopr.train import TrainConfig, train
+    from dopr.train.config import resolve_defaults
+    from tests.train_fixtures import make_store
+
+    random_actor("hopper").save(tmp_path / "expert")
+    out = tmp_path / "hopper.zarr"
+    collect(CollectConfig(task="hopper", n_episodes=4, out=str(out), workers=0, horizon=30, keep_failed=True,
+                          expert=str(tmp_path / "expert"), progress=False))
+    run = tmp_path / "run"
+    train(TrainConfig(data=str(out), out=str(run), policy="resmlp", optim="adamw", steps=4, batch_size=8,
+                      threads=1, progress=False))
+    assert json.loads((run / "config.json").read_text())["n_obs_steps"] == 1
+    meta = load_checkpoint_meta(run / "ckpt-final")
+    assert (meta["n_obs_steps"], meta["horizon"], meta["n_action_steps"]) == (1, 1, 1)
+
+    store, synthetic = EpisodeStore.open(out), EpisodeStore.open(make_store(tmp_path / "synthetic.zarr"))
+    chunks = lambda c: (c.n_obs_steps, c.horizon, c.n_action_steps)  # noqa: E731
+    assert chunks(resolve_defaults(TrainConfig(data=str(out)), store)) == (1, 1, 1)
+    assert chunks(resolve_defaults(TrainConfig(data="s"), synthetic)) == (2, 16, 8)
+    given = TrainConfig(data=str(out), n_obs_steps=2, horizon=4, n_action_steps=2)
+    assert chunks(resolve_defaults(given, store)) == (2, 4, 2)
+
+
 def test_missing_rl_expert_says_how_to_train_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="dopr expert train --task walker2d"):
         make_expert("walker2d", expert_path=str(tmp_path / "none"))

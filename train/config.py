@@ -65,9 +65,12 @@ class TrainConfig:
                                  "(default %(default)s; needs offscreen rendering, as dopr eval --videos)")
     obs_keys: list[str] | None = option(None, "comma-separated observation keys (default: the store's "
                                               "attrs['obs_keys'])")
-    n_obs_steps: int = option(2, "To (default %(default)s)", flags=("--n-obs-steps", "--To"))
-    horizon: int = option(16, "Tp, predicted chunk (default %(default)s)", flags=("--horizon", "--Tp"))
-    n_action_steps: int = option(8, "Ta, executed chunk (default %(default)s)", flags=("--n-action-steps", "--Ta"))
+    n_obs_steps: int | None = option(None, "To (default: the task's, 2 for manipulation, 1 for locomotion)",
+                                     flags=("--n-obs-steps", "--To"))
+    horizon: int | None = option(None, "Tp, predicted chunk (default: the task's, 16 for manipulation, 1 for "
+                                       "locomotion)", flags=("--horizon", "--Tp"))
+    n_action_steps: int | None = option(None, "Ta, executed chunk (default: the task's, 8 for manipulation, 1 for "
+                                              "locomotion)", flags=("--n-action-steps", "--Ta"))
     mlp_hidden_dim: int = option(256, "mlp/resmlp width (default %(default)s)")
     mlp_layers: int = option(3, "mlp hidden layers, or resmlp residual blocks (default %(default)s)")
     mlp_layer_norm: bool = option(True, "resmlp without LayerNorm (default: in every residual block and "
@@ -97,6 +100,8 @@ class TrainConfig:
 
 def resolve_defaults(cfg: TrainConfig, store) -> TrainConfig:
     """Fill every None default, so config.json says exactly what ran."""
+    from dopr.policies.config import PolicyConfig
+
     if cfg.policy not in POLICY_KINDS:
         raise ValueError(f"--policy must be one of {tuple(POLICY_KINDS)}, got {cfg.policy!r}")
     if cfg.optim not in OPTIMIZERS:
@@ -109,8 +114,13 @@ def resolve_defaults(cfg: TrainConfig, store) -> TrainConfig:
     c.configuration = c.configuration or c.optim
     c.warmup_steps = c.warmup_steps if c.warmup_steps is not None else min(500, c.steps // 10)
     c.num_inference_steps = c.num_inference_steps or (100 if c.policy == "diffusion" else 10)
+    attrs = dict(store.attrs)
+    # To, Tp, Ta: what the store's task asks for (its TaskSpec, which `dopr collect` records), else the policies'
+    chunks = ((attrs.get("env_meta") or {}).get("spec") or {}).get("policy_chunks") or (
+        PolicyConfig.n_obs_steps, PolicyConfig.horizon, PolicyConfig.n_action_steps)
+    c.n_obs_steps, c.horizon, c.n_action_steps = (int(given if given is not None else default) for given, default
+                                                  in zip((c.n_obs_steps, c.horizon, c.n_action_steps), chunks))
     if c.obs_keys is None:
-        attrs = dict(store.attrs)
         if "obs_keys" not in attrs:
             raise ValueError(f"{store.path}: attrs has no 'obs_keys'; pass --obs-keys (store keys: {store.keys})")
         c.obs_keys = list(attrs["obs_keys"])
