@@ -80,6 +80,7 @@ class ExperimentConfig:
     mlp_hidden_dim: int = reuse(TrainConfig, "mlp_hidden_dim")  # the Humanoid protocol's resmlp: 512 wide
     mlp_layers: int = reuse(TrainConfig, "mlp_layers")
     mlp_layer_norm: bool = reuse(TrainConfig, "mlp_layer_norm")
+    norm_mode: str = reuse(TrainConfig, "norm_mode")  # the Humanoid protocol's: gaussian
     # torch threads per training process. One: the simulator workers and other jobs share the cores, and an
     # oversubscribed OpenMP pool is catastrophic (a 256x3 MLP step measured 13 ms on 1 thread, 470 ms on 2
     # threads with one other busy process on 2 cores).
@@ -294,7 +295,8 @@ def run_one(cfg: ExperimentConfig, run: Run, bars: bool = False) -> str:
             data=run.demos, out=str(folder), policy=run.policy, optim=run.configuration.optim,
             configuration=run.configuration.name, steps=cfg.steps[run.policy], seed=run.seed,
             batch_size=cfg.batch_size, down_dims=cfg.down_dims, mlp_hidden_dim=cfg.mlp_hidden_dim,
-            mlp_layers=cfg.mlp_layers, mlp_layer_norm=cfg.mlp_layer_norm, threads=cfg.threads, device=cfg.device,
+            mlp_layers=cfg.mlp_layers, mlp_layer_norm=cfg.mlp_layer_norm, norm_mode=cfg.norm_mode,
+            threads=cfg.threads, device=cfg.device,
             # the configuration's own settings, else the experiment's flags of the same name
             **{key: run.configuration.setting(key, getattr(cfg, key)) for key in SETTINGS},
             val_every=cfg.eval_every, ckpt_every=cfg.eval_every,

@@ -19,7 +19,7 @@ def experiment(tmp_path_factory):
     out = tmp_path_factory.mktemp("experiment")
     cfg = ExperimentConfig(tasks=["reacher"], policies=["mlp"], optims=[DOPR_CONFIG, ADAMW_CONFIG], seeds=2, demos=6,
                            steps={"mlp": 40}, eval_every=20, eval_episodes=3, compounding_episodes=2, workers=1,
-                           batch_size=32, mlp_hidden_dim=48, out=str(out))
+                           batch_size=32, mlp_hidden_dim=48, norm_mode="gaussian", out=str(out))
     table = run_experiment(cfg)
     return cfg, table
 
@@ -38,7 +38,9 @@ def test_experiment_table_has_every_cell_and_the_paired_comparison(experiment):
     assert [r.split("|")[4].strip() for r in paired] == ["final", "best"]
     for run in os.listdir(os.path.join(cfg.out, "runs")):
         train_cfg = json.loads(open(os.path.join(cfg.out, "runs", run, "config.json")).read())
-        assert (train_cfg["lr"], train_cfg["mlp_hidden_dim"]) == (1e-3, 48), run
+        assert (train_cfg["lr"], train_cfg["mlp_hidden_dim"], train_cfg["norm_mode"]) == (1e-3, 48, "gaussian"), run
+        policy_cfg = json.loads(open(os.path.join(cfg.out, "runs", run, "ckpt-final", "config.json")).read())["policy"]
+        assert (policy_cfg["mlp_hidden_dim"], policy_cfg["norm_mode"]) == (48, "gaussian"), run
         if run.startswith("reacher-mlp-dopr-adamw_damping0.3_lr1e-3-s"):
             assert (train_cfg["optim"], train_cfg["damping"]) == ("dopr-adamw", 0.3)
             assert train_cfg["configuration"] == DOPR_CONFIG

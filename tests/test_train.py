@@ -348,3 +348,20 @@ def test_resume_completes_the_evaluation_a_kill_interrupted(store, tmp_path):
         shutil.rmtree(tmp_path / name)
     train(resumed, evaluate)
     assert calls[4:] == ["ckpt-0000020", "ckpt-final"]
+
+
+def test_resume_takes_an_option_newer_than_the_checkpoint_at_its_default(store, tmp_path):
+    """A run checkpointed before --norm-mode existed ran with limits: it resumes as such, and not as gaussian."""
+    import dataclasses
+
+    from dopr.data import EpisodeStore
+    from dopr.train import TrainConfig
+    from dopr.train.checkpointing import check_resume_config
+    from dopr.train.config import resolve_defaults
+
+    cfg = resolve_defaults(TrainConfig(data=str(store), out=str(tmp_path)), EpisodeStore.open(store))
+    saved = dataclasses.asdict(cfg)
+    del saved["norm_mode"]
+    check_resume_config(saved, cfg, tmp_path)
+    with pytest.raises(ValueError, match="norm_mode: checkpoint 'limits' vs now 'gaussian'"):
+        check_resume_config(saved, dataclasses.replace(cfg, norm_mode="gaussian"), tmp_path)

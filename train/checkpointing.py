@@ -150,6 +150,9 @@ def find_resume_checkpoint(cfg: TrainConfig) -> Path:
 def check_resume_config(saved: dict, cfg: TrainConfig, path: Path) -> None:
     # runs written before the compared configuration had one name called it "label"
     saved = {("configuration" if k == "label" else k): v for k, v in saved.items()}
+    # an option added since the checkpoint was written (norm_mode) ran at its default then
+    saved = {**{f.name: f.default for f in dataclasses.fields(TrainConfig) if f.name not in saved
+                and f.default is not dataclasses.MISSING}, **saved}
     now = dataclasses.asdict(cfg)
     diff = {k: (saved.get(k), v) for k, v in now.items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v}
     if diff:

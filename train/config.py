@@ -75,6 +75,9 @@ class TrainConfig:
     mlp_layers: int = option(3, "mlp hidden layers, or resmlp residual blocks (default %(default)s)")
     mlp_layer_norm: bool = option(True, "resmlp without LayerNorm (default: in every residual block and "
                                         "before the head)")
+    norm_mode: str = option("limits", "how observations and actions are normalized: limits (to [-1, 1], "
+                                      "diffusion_policy's) or gaussian (zero mean, unit std) (default %(default)s)",
+                            choices=("limits", "gaussian"))
     down_dims: list[int] = option(help="UNet channel widths (default %(default)s)",
                                   default_factory=lambda: [256, 512, 1024])
     sampler: str = option("ddpm", "diffusion sampler (default %(default)s)", choices=("ddpm", "ddim"))

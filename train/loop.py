@@ -61,7 +61,7 @@ def build_training_state(cfg: TrainConfig, train_set, obs_shapes: dict, action_d
         kind=cfg.policy, obs_shapes=obs_shapes, action_dim=action_dim, n_obs_steps=cfg.n_obs_steps,
         horizon=cfg.horizon, n_action_steps=cfg.n_action_steps, down_dims=cfg.down_dims, sampler=cfg.sampler,
         num_inference_steps=cfg.num_inference_steps, mlp_hidden_dim=cfg.mlp_hidden_dim, mlp_layers=cfg.mlp_layers,
-        mlp_layer_norm=cfg.mlp_layer_norm,
+        mlp_layer_norm=cfg.mlp_layer_norm, norm_mode=cfg.norm_mode,
     )
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     policy = build_policy(policy_cfg, train_set.normalizer_stats()).to(device)
