@@ -311,7 +311,11 @@ def _notes(cells: list[Cell]) -> dict[tuple, str | None]:
 
 def _mean_sd(values: list[float], spec: str) -> str:
     m, sd = mean_sd(values)
-    return f"{m:{spec}} ({sd:{spec}})"
+    return f"{m:{spec}} ({sd:{spec}})" if math.isfinite(sd) else f"{m:{spec}} (-)"  # one seed has no sd
+
+
+def _interval(low: float, high: float, spec: str) -> str:
+    return f"{low:{spec}} to {high:{spec}}" if math.isfinite(low) and math.isfinite(high) else "-"
 
 
 def _cell_rows(cells: list[Cell], notes: dict, metric: str, shown: tuple[str, ...]) -> list[str]:
@@ -333,7 +337,7 @@ def _cell_rows(cells: list[Cell], notes: dict, metric: str, shown: tuple[str, ..
                     f"{', '.join(str(s.step) for s in best_cell.seeds)} |")
         lines.append(f"| {c.task} | {c.policy} | {c.configuration} | {len(c.seeds)} | "
                      f"{'-'.join(map(str, eps))}{mark} | {_mean_sd(c.values(), spec)}{mark} | "
-                     f"{lo:{spec}} to {hi:{spec}}{mark} |{best} {_mean_sd(c.val_losses(), '.4g')} |")
+                     f"{_interval(lo, hi, spec)}{mark} |{best} {_mean_sd(c.val_losses(), '.4g')} |")
     return lines
 
 
@@ -349,7 +353,7 @@ def _paired_rows(cells: list[Cell], notes: dict, metric: str, shown: tuple[str, 
             discordant = f" {p.only_treatment} / {p.only_baseline} |" if metric == "success" else ""
             rows.append(((task, policy, p.treatment, CHECKPOINTS.index(checkpoint)),
                          f"| {task} | {policy} | {p.treatment} - {p.baseline} | {checkpoint} | {p.n_seeds} | "
-                         f"{p.diff:{spec}}{mark} | {p.ci_low:{spec}} to {p.ci_high:{spec}} |{discordant} "
+                         f"{p.diff:{spec}}{mark} | {_interval(p.ci_low, p.ci_high, spec)} |{discordant} "
                          f"{p.mde:{spec[1:]}} | {p.verdict()}{mark} |"))
     if not rows:
         return []

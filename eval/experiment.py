@@ -60,7 +60,8 @@ class ExperimentConfig:
     # covers recoveries
     demo_noise_std: float = option(0.1, "expert action noise while collecting; labels stay clean (default %(default)s)")
     # training steps per policy kind; the --steps flag sets one number for all
-    steps: dict[str, int] = field(default_factory=lambda: {"mlp": 3000, "diffusion": 20000, "flow": 20000})
+    steps: dict[str, int] = field(default_factory=lambda: {"mlp": 3000, "resmlp": 3000, "diffusion": 20000,
+                                                           "flow": 20000})
     # closed-loop evaluation of every such checkpoint, next to its val loss
     eval_every: int = reuse(TrainConfig, "eval_every", 1000)
     eval_episodes: int = reuse(TrainConfig, "eval_episodes")  # the same episode seeds for every run
@@ -201,6 +202,10 @@ def run_experiment(cfg: ExperimentConfig) -> str:
         bad = [v for v in values if v not in allowed]
         if bad:
             raise ValueError(f"unknown {name}(s) {bad}; choose from {list(allowed)}")
+    unset = [policy for policy in cfg.policies if policy not in cfg.steps]
+    if unset:  # a config file's [steps] table names only the policies it sets
+        raise ValueError(f"no training steps for policy {unset}: give --steps N (every policy) or set "
+                         f"{', '.join(f'steps.{p}' for p in unset)} in the config file")
     configurations = [Configuration.parse(spec) for spec in cfg.optims]
     if cfg.eval_every < 1:  # training evaluates every run's final checkpoint: the table is made of those
         raise ValueError(f"--eval-every {cfg.eval_every}: an experiment evaluates its runs as they train; give at "

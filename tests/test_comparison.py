@@ -197,6 +197,18 @@ def test_return_task_table_final_and_best_from_run_folders(tmp_path):
     assert "hopper+walker2d" not in table and len(_columns(table, "| walker2d | mlp | dopr-adamw - adamw |")) == 2
 
 
+def test_one_seed_table_shows_no_nan(tmp_path):
+    """One seed has no sd and no t interval over seeds: the table says so with "-", not "nan"."""
+    runs = write_study(tmp_path, "hopper", {"adamw": {0: (900.0, 1500.0, 1200.0)},
+                                            "dopr-adamw": {0: (1000.0, 1400.0, 1600.0)}})
+    table = comparison_table(cells_from_runs(runs))
+    assert "nan" not in table, table
+    (adamw,) = _columns(table, "| hopper | mlp | adamw |")
+    assert adamw[5] == "1200.00 (-)"
+    final, _ = _columns(table, "| hopper | mlp | dopr-adamw - adamw |")
+    assert final[5:7] == ["+400.00", "-"] and final[-1] == "too few seeds to tell"
+
+
 def test_primary_metric_of_tasks():
     from dopr.envs import primary_metric
 

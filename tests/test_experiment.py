@@ -91,6 +91,17 @@ def test_run_killed_just_before_its_final_checkpoint_is_finished_by_a_rerun(expe
     assert last["val_loss"] == json.loads(log[-1])["val_loss"]
 
 
+def test_every_policy_has_training_steps(tmp_path):
+    from dopr.eval.experiment import ExperimentConfig, run_experiment
+    from dopr.policies.config import POLICY_KINDS
+
+    assert set(ExperimentConfig().steps) == set(POLICY_KINDS)
+    # a config file's [steps] table that leaves out a policy it runs: said before anything is collected
+    with pytest.raises(ValueError, match=r"no training steps for policy \['resmlp'\].*steps.resmlp"):
+        run_experiment(ExperimentConfig(policies=["resmlp"], steps={"mlp": 10}, out=str(tmp_path / "e")))
+    assert not (tmp_path / "e").exists()
+
+
 def test_experiment_config_file_rejects_unknown_options(tmp_path):
     from dopr.eval.experiment import ExperimentConfig
 
