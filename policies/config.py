@@ -9,6 +9,7 @@ import numpy as np
 POLICY_KINDS = ("mlp", "resmlp", "diffusion", "flow")
 # one forward pass maps observations to the action chunk (no sampling loop)
 MLP_KINDS = ("mlp", "resmlp")
+NORM_MODES = ("limits", "gaussian")  # low-dim keys and actions: to [-1, 1], or to zero mean and unit std
 
 
 @dataclass
@@ -42,8 +43,8 @@ class PolicyConfig:
     def __post_init__(self) -> None:
         if self.kind not in POLICY_KINDS:
             raise ValueError(f"policy kind must be one of {POLICY_KINDS}, got {self.kind!r}")
-        if self.norm_mode not in ("limits", "gaussian"):
-            raise ValueError(f"norm_mode must be 'limits' or 'gaussian', got {self.norm_mode!r}")
+        if self.norm_mode not in NORM_MODES:
+            raise ValueError(f"norm_mode must be one of {NORM_MODES}, got {self.norm_mode!r}")
         if self.sampler not in ("ddpm", "ddim"):
             raise ValueError(f"sampler must be 'ddpm' or 'ddim', got {self.sampler!r}")
         if not self.obs_shapes:

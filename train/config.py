@@ -13,6 +13,7 @@ STAT_MODES = LazyChoices("dopr.optim.names", "STAT_MODES")
 DAMPING_MODES = LazyChoices("dopr.optim.names", "DAMPING_MODES")
 CONV_FORMS = LazyChoices("dopr.optim.names", "CONV_FORMS")
 MLP_KINDS = LazyChoices("dopr.policies.config", "MLP_KINDS")  # the policies that are one forward pass
+NORM_MODES = LazyChoices("dopr.policies.config", "NORM_MODES")
 # Fields that may differ between a run and its resumption (they do not change the weights).
 # A moved run folder or dataset is fine: the dataset is checked by its fingerprint instead of its path.
 RESUME_MAY_CHANGE = {"resume", "out", "data", "configuration", "threads", "eval_every", "eval_episodes",
@@ -77,7 +78,7 @@ class TrainConfig:
                                         "before the head)")
     norm_mode: str = option("limits", "how observations and actions are normalized: limits (to [-1, 1], "
                                       "diffusion_policy's) or gaussian (zero mean, unit std) (default %(default)s)",
-                            choices=("limits", "gaussian"))
+                            choices=NORM_MODES)
     down_dims: list[int] = option(help="UNet channel widths (default %(default)s)",
                                   default_factory=lambda: [256, 512, 1024])
     sampler: str = option("ddpm", "diffusion sampler (default %(default)s)", choices=("ddpm", "ddim"))
