@@ -165,3 +165,30 @@ def test_expert_training_resumes_after_sigkill_with_its_replay_buffer(tmp_path):
     assert (out / "returns.png").stat().st_size > 0
     action = actor.act_vector(np.zeros(actor.obs_dim))
     assert action.shape == (3,) and np.all(np.abs(action) <= 1.0)
+
+
+def test_measured_expert_return_is_the_sum_of_gymnasium_rewards(tmp_path):
+    """`measure_experts` reports an RL expert's return; recomputed here by stepping gymnasium's Hopper-v5
+    directly with the actor's actions from the same seeds, outside dopr's env wrapper."""
+    import gymnasium as gym
+
+    from dopr.envs.measure_experts import measure_success
+
+    actor = random_actor("hopper", seed=3)
+    actor.save(tmp_path / "expert")
+    result = measure_success("hopper", episodes=3, first_seed=40, progress=False, expert_path=str(tmp_path / "expert"))
+    expected, lengths = [], []
+    env = gym.make("Hopper-v5")
+    for seed in range(40, 43):
+        obs, _ = env.reset(seed=seed)
+        total, steps, done = 0.0, 0, False
+        while not done and steps < task_spec("hopper").horizon:
+            obs, reward, terminated, truncated, _ = env.step(actor.act_vector(obs[None])[0])
+            total, steps, done = total + reward, steps + 1, terminated or truncated
+        expected.append(total)
+        lengths.append(steps)
+    env.close()
+    assert result["mean_steps"] == pytest.approx(np.mean(lengths))
+    np.testing.assert_allclose(result["returns"], expected, rtol=1e-5)
+    assert result["mean_return"] == pytest.approx(np.mean(expected), rel=1e-5)
+    assert result["return_sd"] == pytest.approx(np.std(expected, ddof=1), rel=1e-4)
