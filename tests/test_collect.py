@@ -1,5 +1,7 @@
 """`dopr collect`: real worker processes writing a real zarr episode store."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -137,13 +139,17 @@ def test_lift_with_two_workers(tmp_path):
 def test_hung_worker_ends_collection_with_a_clear_error_and_no_process_left(tmp_path):
     import multiprocessing as mp
 
-    # every episode takes longer than the timeout: the worker counts as hung, is killed, and the
-    # collection stops with what it has (nothing here) instead of waiting forever
-    with pytest.raises(RuntimeError, match=r"seed 0: worker 0 \(pid \d+\) timed out"):
-        collect(CollectConfig(n_episodes=2, out=str(tmp_path / "h.zarr"), workers=1, episode_timeout_s=1e-3,
+    # an episode takes longer than the timeout: the worker counts as hung, is killed, and the collection
+    # stops with what it has instead of waiting forever. Usually seed 0 times out; on a loaded machine the
+    # parent can be descheduled past the deadline while seed 0's reply arrives, which is then kept (the
+    # reply is there when it looks), and a later seed times out: the suite run 20 times in a row met it once.
+    with pytest.raises(RuntimeError, match=r"collect: seed (\d+): worker 0 \(pid \d+\) timed out") as err:
+        collect(CollectConfig(n_episodes=50, out=str(tmp_path / "h.zarr"), workers=1, episode_timeout_s=1e-3,
                               **SHORT))
+    hung_seed = int(re.search(r"seed (\d+)", str(err.value)).group(1))
     assert not [p for p in mp.active_children() if p.name.startswith("dopr-collect-worker")]
-    assert EpisodeStore.open(tmp_path / "h.zarr").n_episodes == 0
+    store = EpisodeStore.open(tmp_path / "h.zarr")
+    assert store.n_episodes <= hung_seed and all(s < hung_seed for s in store.attrs["episode_seeds"])
 
 
 def test_killed_collector_resumes_without_losing_or_repeating_episodes(tmp_path):
