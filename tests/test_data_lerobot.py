@@ -19,6 +19,21 @@ from dopr.data.lerobot_import import import_lerobot  # noqa: E402
 from dopr.data.lerobot_video import VideoWriter  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "data" / "lerobot_v30_tiny"
+
+
+def _fixture_source() -> dict:
+    """What the fixtures' maker handed to lerobot (tests/data/lerobot_fixture_source.py, loaded by path: tests/data
+    is not a package, and the maker imports the same file beside it)."""
+    import importlib.util
+
+    path = FIXTURE.parent / "lerobot_fixture_source.py"
+    spec = importlib.util.spec_from_file_location("lerobot_fixture_source", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.source()
+
+
+SOURCE = _fixture_source()
 # mean absolute error per pixel that crf 30 (lerobot's setting) stays under on these smooth 32x32 frames
 # (measured: AV1 2.3-2.4, H.264 4.2)
 CODEC_MEAN_ERROR = 6.0
@@ -70,13 +85,12 @@ def store(tmp_path_factory):
 
 def test_imports_the_dataset_lerobot_wrote(tmp_path):
     out = import_lerobot(FIXTURE, tmp_path / "fx.zarr", progress=False)
-    source = np.load(FIXTURE / "source.npz")
-    np.testing.assert_array_equal(out.episode_ends, np.cumsum(source["lengths"]))
+    np.testing.assert_array_equal(out.episode_ends, np.cumsum(SOURCE["lengths"]))
     assert out.keys == ["action", "observation.images.front", "observation.state", "task_index"]
-    np.testing.assert_array_equal(out.array("observation.state")[:], source["state"])
-    np.testing.assert_array_equal(out.array("action")[:], source["action"])
+    np.testing.assert_array_equal(out.array("observation.state")[:], SOURCE["state"])
+    np.testing.assert_array_equal(out.array("action")[:], SOURCE["action"])
     assert out.array("observation.state").dtype == np.float32
-    assert_frames_match(out.array("observation.images.front")[:], source["images"])
+    assert_frames_match(out.array("observation.images.front")[:], SOURCE["images"])
     np.testing.assert_array_equal(out.array("task_index")[:], [0] * 5 + [1] * 7 + [0] * 4)
     attrs = dict(out.attrs)
     assert attrs["obs_keys"] == ["observation.images.front", "observation.state"] and attrs["control_freq"] == 10
@@ -87,10 +101,9 @@ def test_imports_image_features_exactly(tmp_path):
     """lerobot's ``image`` features (use_videos=False): PNG bytes in the parquet, lossless."""
     fixture = FIXTURE.parent / "lerobot_v30_images"
     out = import_lerobot(fixture, tmp_path / "im.zarr", progress=False)
-    source = np.load(fixture / "source.npz")
-    np.testing.assert_array_equal(out.episode_ends, np.cumsum(source["lengths"]))
-    np.testing.assert_array_equal(out.array("observation.images.front")[:], source["images"])
-    np.testing.assert_array_equal(out.array("observation.state")[:], source["state"])
+    np.testing.assert_array_equal(out.episode_ends, np.cumsum(SOURCE["lengths"]))
+    np.testing.assert_array_equal(out.array("observation.images.front")[:], SOURCE["images"])
+    np.testing.assert_array_equal(out.array("observation.state")[:], SOURCE["state"])
 
 
 @pytest.mark.parametrize("vcodec", ["libsvtav1", "h264"])
@@ -229,9 +242,8 @@ def test_missing_video_is_named(broken, tmp_path):
 
 
 def test_frame_count_that_disagrees_with_the_rows(broken, tmp_path):
-    source = np.load(FIXTURE / "source.npz")
     writer = VideoWriter(broken / "videos/observation.images.front/chunk-000/file-000.mp4", 10)
-    writer.write(source["images"][:-1])  # the last episode loses its last frame
+    writer.write(SOURCE["images"][:-1])  # the last episode loses its last frame
     writer.close()
     with pytest.raises(EpisodeStoreError, match=r"'observation.images.front' has 3 frames between 1.200000 s and "
                        r"1.500000 s, but the episode has 4 rows"):
