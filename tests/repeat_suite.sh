@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 . "$venv/bin/activate"
 # the package is the checkout itself, imported as `dopr`: whatever this clone's folder is called, and whichever
 # checkout the venv's editable install points at, import this one
-link=$(mktemp -d); ln -s "$(pwd)" "$link/dopr"; export PYTHONPATH="$link"
+link=$(mktemp -d); trap 'rm -rf "$link"' EXIT; ln -s "$(pwd)" "$link/dopr"; export PYTHONPATH="$link"
 mkdir -p "$logs"
 commit=$(git rev-parse HEAD)
 if [ "$(head -1 "$logs/suite.log" 2>/dev/null)" != "commit $commit" ]; then
