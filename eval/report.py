@@ -109,7 +109,11 @@ METRIC_FIELD = {"success": "success_rate", "return": "mean_return"}
 
 
 def _spearman_of(rows: list[CheckpointRow], metric: str) -> dict:
-    rho, p, n = spearman([r.val_loss for r in rows], [getattr(r, METRIC_FIELD[metric]) for r in rows])
+    return _spearman_of_values([r.val_loss for r in rows], [getattr(r, METRIC_FIELD[metric]) for r in rows])
+
+
+def _spearman_of_values(losses: list, values: list) -> dict:
+    rho, p, n = spearman(losses, values)
     return {"rho": rho, "p_value": p, "n": n}
 
 
@@ -145,8 +149,30 @@ def return_correlations(evaluated: list[CheckpointRow]) -> dict:
     out = {}
     for task in sorted({r.task for r in evaluated if primary_metric(r.task) == "return"}):
         rows = [r for r in evaluated if r.task == task]
-        out[task] = rank_correlations(rows, sorted({r.optimizer for r in rows}), "return")
+        out[task] = {**rank_correlations(rows, sorted({r.optimizer for r in rows}), "return"),
+                     "arms": arm_ranking([r for r in rows if r.is_final])}
     return out
+
+
+def arm_ranking(finals: list[CheckpointRow]) -> dict:
+    """Did validation loss order the arms (configurations) as return did? Each arm's mean final validation loss and
+    mean final return over its runs, their ranks (1: lowest loss, highest return; ties share the mean rank), and
+    Spearman's rho over the arms' means (n = arms: the question a user choosing an optimizer by validation loss asks,
+    where `final` above asks it of single runs)."""
+    from scipy.stats import rankdata
+
+    by_arm = defaultdict(list)
+    for r in finals:
+        if r.mean_return is not None and r.val_loss is not None:
+            by_arm[r.optimizer].append(r)
+    arms = [{"optimizer": opt, "runs": len(rs), "val_loss": _mean([r.val_loss for r in rs]),
+             "mean_return": _mean([r.mean_return for r in rs])} for opt, rs in sorted(by_arm.items())]
+    if arms:
+        loss_rank = rankdata([a["val_loss"] for a in arms])
+        return_rank = rankdata([-a["mean_return"] for a in arms])
+        for a, lr, rr in zip(arms, loss_rank, return_rank):
+            a["loss_rank"], a["return_rank"] = float(lr), float(rr)
+    return {"arms": arms, **_spearman_of_values([a["val_loss"] for a in arms], [a["mean_return"] for a in arms])}
 
 
 def _verdict(c: dict, metric: str = "success") -> str:
@@ -463,6 +489,27 @@ def _correlation_table(correlations: dict, metric: str, title: str) -> list[str]
     return lines + [""]
 
 
+def _arm_ranking_table(ranking: dict, task: str) -> list[str]:
+    """The arms of a return task ranked by mean final validation loss and by mean final return, with the rho over
+    the arms' means in words."""
+    arms = ranking["arms"]
+    if len(arms) < 2:
+        return []
+    by_loss = min(arms, key=lambda a: a["loss_rank"])
+    by_return = min(arms, key=lambda a: a["return_rank"])
+    lines = [f"## Arms ranked by validation loss and by return ({task}, final checkpoints)", "",
+             f"Each arm's means over its runs; rank 1 is the lowest validation loss and the highest return. Over the "
+             f"{len(arms)} arms' means: {_verdict(ranking, 'return')}. The lowest validation loss, "
+             f"{by_loss['optimizer']}, ranks {by_loss['return_rank']:g} of {len(arms)} in return; the highest return, "
+             f"{by_return['optimizer']}, ranks {by_return['loss_rank']:g} in validation loss.", "",
+             "| optimizer | runs | mean val loss | val-loss rank | mean return | return rank |",
+             "|---|---|---|---|---|---|"]
+    for a in sorted(arms, key=lambda a: a["return_rank"]):
+        lines.append(f"| {a['optimizer']} | {a['runs']} | {_fmt(a['val_loss'])} | {a['loss_rank']:g} | "
+                     f"{a['mean_return']:.1f} | {a['return_rank']:g} |")
+    return lines + [""]
+
+
 def _return_cell(r: CheckpointRow) -> str:
     if r.mean_return is None:
         return "-"
@@ -509,6 +556,7 @@ def _markdown(rows, evaluated, correlations, by_return, optimizers, curves, figu
     lines += _correlation_table(correlations, "success", "success")
     for task, c in by_return.items():
         lines += _correlation_table(c, "return", f"return ({task})")
+        lines += _arm_ranking_table(c["arms"], task)
     lines += ["## Figures", ""]
     captions = {
         "success_vs_val_loss.png": "Success vs validation loss, one point per evaluated checkpoint, coloured by "

@@ -343,3 +343,39 @@ def test_return_task_report_correlations_match_hand_computed(tmp_path):
     final, best = [r for r in md.splitlines() if r.startswith("| hopper | mlp | dopr-adamw - adamw |")]
     # final: 1500 - 1200 and 1300 - 800; best: the same but adamw seed 1 at its step 2000, 1300 - 950
     assert "| final | 2 | +400.00 |" in final and "| best | 2 | +325.00 |" in best
+
+
+def test_arms_ranked_by_validation_loss_and_by_return_match_hand_computed(tmp_path):
+    """Four arms of a return task, two runs each: the arms' mean final validation loss and return, their ranks and
+    Spearman's rho over the four means, against a hand computation (the question "did validation loss rank the arms
+    as return did?", asked of arms where the `final` correlation asks it of runs)."""
+    from dopr.eval.report import build_report
+    from tests.run_folders import write_study
+
+    final_return = {"adamw": (1000.0, 1200.0), "dopr-adamw": (1500.0, 1300.0), "muon": (900.0, 700.0),
+                    "dopr-muon": (2000.0, 1000.0)}  # means 1100, 1400, 800, 1500
+    final_loss = {"adamw": (0.30, 0.34), "dopr-adamw": (0.20, 0.22), "muon": (0.50, 0.40),
+                  "dopr-muon": (0.45, 0.35)}  # means 0.32, 0.21, 0.45, 0.40
+    returns = {o: {s: (100.0, 200.0, final_return[o][s]) for s in (0, 1)} for o in final_return}
+    runs = write_study(tmp_path / "runs", "hopper", returns,
+                       val_loss=lambda o, s, step: final_loss[o][s] if step == 3000 else 1.0)
+    build_report(runs, str(tmp_path / "out"))
+    ranking = json.load(open(tmp_path / "out" / "report.json"))["spearman_val_loss_vs_return"]["hopper"]["arms"]
+    arms = {a["optimizer"]: a for a in ranking["arms"]}
+    # loss ranks (lowest first): dopr-adamw 1, adamw 2, dopr-muon 3, muon 4; return ranks (highest first): dopr-muon
+    # 1, dopr-adamw 2, adamw 3, muon 4. rho of (loss, return) = rho of loss ranks vs (5 - return ranks):
+    # d = (1-3), (2-2), (3-4), (4-1) -> sum d^2 = 4 + 0 + 1 + 9 = 14, rho = 1 - 6*14 / (4*15) = -0.4
+    assert {o: (a["loss_rank"], a["return_rank"]) for o, a in arms.items()} == {
+        "dopr-adamw": (1, 2), "adamw": (2, 3), "dopr-muon": (3, 1), "muon": (4, 4)}
+    assert arms["dopr-muon"]["mean_return"] == pytest.approx(1500) and arms["muon"]["val_loss"] == pytest.approx(0.45)
+    assert ranking["rho"] == pytest.approx(-0.4) and ranking["n"] == 4
+    # exact p: of the 24 orderings, those with |rho| >= 0.4 (sum d^2 <= 14 or >= 26): 14 of them
+    from itertools import permutations
+    extreme = sum(abs(1 - 6 * sum((i - p) ** 2 for i, p in enumerate(perm)) / 60) >= 0.4 - 1e-12
+                  for perm in permutations(range(4)))
+    assert ranking["p_value"] == pytest.approx(extreme / 24)
+    md = open(tmp_path / "out" / "report.md").read()
+    section = md[md.index("## Arms ranked by validation loss and by return (hopper, final checkpoints)"):]
+    assert "The lowest validation loss, dopr-adamw, ranks 2 of 4 in return; the highest return, dopr-muon, " \
+           "ranks 3 in validation loss." in section
+    assert "| dopr-muon | 2 | 0.4 | 3 | 1500.0 | 1 |" in section
