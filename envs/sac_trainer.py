@@ -15,7 +15,8 @@ Training runs in chunks of `chunk_steps` environment steps. After every chunk th
      archive (policy, optimizers, entropy coefficient, step counters), the filled part of the
      replay buffer as .npy arrays, and the torch / numpy / python / environment RNG states;
   4. exports the actor (dopr.envs.expert_actor) to latest/, and to the top folder when its
-     evaluation return is the best so far: the top folder is the expert that collection uses.
+     evaluation return is the best so far (or it meets `stop_at_return`, which ends training): the
+     top folder is the expert that collection uses.
 A kill loses at most the chunk in progress; re-running the same command continues from the last
 chunk (the episode in progress at the kill is restarted, since the simulator's mid-episode state
 is not part of the checkpoint).
@@ -55,6 +56,14 @@ class SACConfig:
     gradient_steps: int = 1  # gradient steps per environment step (the update ratio)
     hidden: tuple[int, ...] = (256, 256)
     threads: int = 1
+    # stop early at the first evaluation whose mean return reaches this with every episode at the horizon
+    # (a goal met, as rl-zoo's StopTrainingOnRewardThreshold does; survival too, since one lucky long episode
+    # can lift a mean while the others fall); None trains to `steps`
+    stop_at_return: float | None = None
+
+
+# SACConfig fields that may change between a run and its resumption: they do not change what is trained
+RESUMABLE_CHANGES = ("steps", "chunk_steps", "eval_episodes", "threads", "stop_at_return")
 
 
 def require_sb3():
@@ -90,20 +99,29 @@ def evaluate_actor(actor, env_id: str, episodes: int, seed: int) -> dict:
     import gymnasium
 
     env = gymnasium.make(env_id)
-    returns, lengths = [], []
+    returns, lengths, survived = [], [], 0
     for i in range(episodes):
         obs, _ = env.reset(seed=seed + i)
-        total, n, done = 0.0, 0, False
-        while not done:
+        total, n, terminated, truncated = 0.0, 0, False, False
+        while not (terminated or truncated):
             obs, reward, terminated, truncated, _ = env.step(actor.act_vector(obs))
             total += float(reward)
             n += 1
-            done = terminated or truncated
         returns.append(total)
         lengths.append(n)
+        survived += not terminated  # ended by the time limit: the horizon reached
     env.close()
     return dict(eval_return_mean=float(np.mean(returns)), eval_return_sd=float(np.std(returns)),
-                eval_length_mean=float(np.mean(lengths)), eval_returns=[round(r, 2) for r in returns])
+                eval_length_mean=float(np.mean(lengths)), eval_returns=[round(r, 2) for r in returns],
+                eval_survived=survived)
+
+
+def goal_met(row: dict, config: SACConfig) -> bool:
+    """Whether an evaluation row meets config.stop_at_return: the mean return reached, every episode survived (rows
+    written before survival was recorded never do)."""
+    return (config.stop_at_return is not None and bool(row)
+            and row["eval_return_mean"] >= config.stop_at_return
+            and row.get("eval_survived") == len(row.get("eval_returns", ())))
 
 
 # --- resume state ------------------------------------------------------------------------------
@@ -213,7 +231,7 @@ def train_sac_expert(config: SACConfig, out: str | Path, progress: bool = True) 
     if saved.exists():
         before = json.loads(saved.read_text())
         changed = {k: (before.get(k), v) for k, v in asdict(config).items()
-                   if k not in ("steps", "chunk_steps", "eval_episodes", "threads") and before.get(k) != json_safe(v)}
+                   if k not in RESUMABLE_CHANGES and before.get(k) != json_safe(v)}
         if changed:
             raise SystemExit(f"{out}: already holds a run with other settings {changed} (was, now); "
                              "choose another --out or the same settings")
@@ -241,7 +259,7 @@ def train_sac_expert(config: SACConfig, out: str | Path, progress: bool = True) 
             return True
 
     last = rows[-1] if rows else {}
-    while model.num_timesteps < config.steps:
+    while model.num_timesteps < config.steps and not goal_met(last, config):
         chunk = min(config.chunk_steps, config.steps - model.num_timesteps)
         start, t0 = model.num_timesteps, time.perf_counter()
         model.learn(total_timesteps=chunk, reset_num_timesteps=False, callback=Progress())
@@ -255,8 +273,8 @@ def train_sac_expert(config: SACConfig, out: str | Path, progress: bool = True) 
                    steps_per_s=round((model.num_timesteps - start) / train_s, 1), wall_time=time.time())
         actor.config.update(stats)
         actor.save(out / "latest")
-        if stats["eval_return_mean"] > best:
-            best = stats["eval_return_mean"]
+        if stats["eval_return_mean"] > best or goal_met(row, config):  # the goal-meeting actor is the expert
+            best = max(best, stats["eval_return_mean"])
             actor.save(out)
         _save_state(model, vec_env, out)
         # the metrics line goes last: a row in metrics.jsonl always has its checkpoint on disk
@@ -268,5 +286,8 @@ def train_sac_expert(config: SACConfig, out: str | Path, progress: bool = True) 
         bar.set_postfix(eval_return=f"{stats['eval_return_mean']:.0f}", best=f"{best:.0f}")
         last = row
     bar.close()
+    if goal_met(last, config):
+        print(f"{out}: stopped at {last['env_steps']} env steps: evaluation return {last['eval_return_mean']:.1f} "
+              f">= {config.stop_at_return:g} with all {last['eval_survived']} episodes at the horizon")
     vec_env.close()
     return last

@@ -30,6 +30,9 @@ def add_parser(sub) -> None:
     t.add_argument("--gradient-steps", type=int, default=1, help="gradient steps per environment step (default 1)")
     t.add_argument("--buffer-size", type=int, default=1_000_000, help="replay buffer capacity (default 1M)")
     t.add_argument("--threads", type=int, default=1, help="torch threads (default 1; 2 was slower when measured)")
+    t.add_argument("--stop-at-return", type=float, default=None, metavar="R",
+                   help="stop at the first evaluation whose mean return is >= R with every episode reaching the "
+                        "horizon (default: train all --steps); re-running with a goal already met trains nothing")
     t.set_defaults(func=main)
 
 
@@ -46,7 +49,7 @@ def main(args) -> int:
     cfg = SACConfig(env_id=LOCOMOTION_TASKS[args.task][0], steps=args.steps, seed=args.seed,
                     chunk_steps=args.chunk_steps, eval_episodes=args.eval_episodes,
                     learning_starts=args.learning_starts, gradient_steps=args.gradient_steps,
-                    buffer_size=args.buffer_size, threads=args.threads)
+                    buffer_size=args.buffer_size, threads=args.threads, stop_at_return=args.stop_at_return)
     out = args.out or f"out/experts/{args.task}"
     row = train_sac_expert(cfg, out)
     if row:

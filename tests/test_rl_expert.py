@@ -192,3 +192,37 @@ def test_measured_expert_return_is_the_sum_of_gymnasium_rewards(tmp_path):
     np.testing.assert_allclose(result["returns"], expected, rtol=1e-5)
     assert result["mean_return"] == pytest.approx(np.mean(expected), rel=1e-5)
     assert result["return_sd"] == pytest.approx(np.std(expected, ddof=1), rel=1e-4)
+
+
+def test_expert_training_stops_at_a_goal_met_with_every_episode_surviving(tmp_path):
+    """--stop-at-return: training ends at the first evaluation whose mean return reaches the goal with every
+    episode at the horizon, that actor is the expert, and re-running trains nothing; an evaluation whose episodes
+    fall does not stop it, however high the mean. Hopper with a 10-step time limit, so that an untrained actor
+    can survive to the horizon."""
+    pytest.importorskip("stable_baselines3", reason='needs the rl extra: pip install -e ".[rl]"')
+    import gymnasium
+
+    from dopr.envs.sac_trainer import SACConfig, read_metrics, train_sac_expert
+
+    gymnasium.register("HopperTenSteps-v5", entry_point="gymnasium.envs.mujoco.hopper_v5:HopperEnv",
+                       max_episode_steps=10)
+    gymnasium.register("HopperFalls-v5", entry_point="gymnasium.envs.mujoco.hopper_v5:HopperEnv",
+                       max_episode_steps=400, kwargs=dict(healthy_z_range=(0.7, 1.0)))  # falls at once
+    tiny = dict(steps=600, chunk_steps=200, learning_starts=100, buffer_size=1000, eval_episodes=2)
+
+    out = tmp_path / "short"
+    last = train_sac_expert(SACConfig(env_id="HopperTenSteps-v5", stop_at_return=-1e9, **tiny), out, progress=False)
+    rows = read_metrics(out)
+    assert [r["env_steps"] for r in rows] == [200] and rows[0]["eval_survived"] == 2
+    assert last == rows[0] and ExpertActor.load(out).config["env_steps"] == 200
+    again = train_sac_expert(SACConfig(env_id="HopperTenSteps-v5", stop_at_return=-1e9, **tiny), out, progress=False)
+    assert again == rows[0] and len(read_metrics(out)) == 1  # the goal was met: nothing more trained
+    # the same run resumed without the goal trains on to its steps
+    train_sac_expert(SACConfig(env_id="HopperTenSteps-v5", **tiny), out, progress=False)
+    assert [r["env_steps"] for r in read_metrics(out)] == [200, 400, 600]
+
+    out = tmp_path / "falls"
+    train_sac_expert(SACConfig(env_id="HopperFalls-v5", stop_at_return=-1e9, **{**tiny, "steps": 400}), out,
+                     progress=False)
+    rows = read_metrics(out)
+    assert [r["env_steps"] for r in rows] == [200, 400] and all(r["eval_survived"] == 0 for r in rows)
