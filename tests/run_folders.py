@@ -40,14 +40,16 @@ def write_evaluation(ckpt_dir: str, task: str, records: list[dict], requested: i
 
 
 def write_run(root, name: str, *, task: str, optim: str, seed: int, checkpoints: dict[str, tuple[int, float]],
-              lr: float = 3e-4, policy: str = "mlp") -> str:
-    """A run folder with config.json and, for each checkpoint name, its meta.json: {name: (step, val loss)}."""
+              lr: float = 3e-4, policy: str = "mlp", configuration: str | None = None) -> str:
+    """A run folder with config.json and, for each checkpoint name, its meta.json: {name: (step, val loss)};
+    `configuration`: the compared configuration's name, when it is more than the optimizer."""
     from dopr.atomic import write_json_atomic
 
     run = os.path.join(str(root), name)
     os.makedirs(run, exist_ok=True)
     with open(os.path.join(run, "config.json"), "w") as f:
-        json.dump({"optim": optim, "configuration": optim, "policy": policy, "seed": seed, "lr": lr}, f)
+        json.dump({"optim": optim, "configuration": configuration or optim, "policy": policy, "seed": seed,
+                   "lr": lr}, f)
     for ckpt, (step, val_loss) in checkpoints.items():
         os.makedirs(os.path.join(run, ckpt), exist_ok=True)
         write_json_atomic(os.path.join(run, ckpt, "meta.json"), {"step": step, "val_loss": val_loss, "task": task})

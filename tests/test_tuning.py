@@ -1,0 +1,108 @@
+"""Reading a tuning grid (dopr.eval.tuning) and the Humanoid study's selection script over it, on hand-built runs
+with chosen returns: the lr and form each rule takes, and the grid extensions it asks for, against hand reading."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dopr.eval.comparison import Cell, SeedResult
+from dopr.eval.tuning import arm_name, better_form, tune_arms
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SELECT = os.path.join(ROOT, "docs", "results", "humanoid", "select_tuned.py")
+
+
+def cell(configuration: str, lr: float, returns: list[float]) -> Cell:
+    seeds = [SeedResult(seed=100 + i, success={0: False, 1: False}, val_loss=0.1, step=10,
+                        returns={0: r - 5.0, 1: r + 5.0}) for i, r in enumerate(returns)]
+    return Cell("humanoid", "resmlp", configuration, seeds, optimizer=configuration.split(":")[0], lr=lr,
+                metric="return")
+
+
+def test_arm_name_drops_only_the_lr():
+    assert arm_name("dopr-adamw:lr=1e-3:damping=0.1") == "dopr-adamw:damping=0.1"
+    assert arm_name("adamw:lr=3e-4") == "adamw"
+
+
+def test_chosen_lr_is_the_lowest_within_tolerance_of_the_best_and_ends_ask_for_more():
+    grid = (1e-4, 3e-4, 1e-3, 3e-3)
+    cells = [cell("adamw:lr=1e-4", 1e-4, [900, 1000]), cell("adamw:lr=3e-4", 3e-4, [1500, 1400]),  # 950, 1450
+             cell("adamw:lr=1e-3", 1e-3, [1500, 1500]), cell("adamw:lr=3e-3", 3e-3, [1000, 1200]),  # 1500, 1100
+             cell("muon:lr=1e-4", 1e-4, [2000, 2000]), cell("muon:lr=3e-4", 3e-4, [1000, 1000]),
+             cell("muon:lr=1e-3", 1e-3, [500, 500]), cell("muon:lr=3e-3", 3e-3, [100, 100]),
+             cell("signum:lr=1e-4", 1e-4, [100, 100]), cell("signum:lr=3e-4", 3e-4, [300, 300]),
+             cell("signum:lr=1e-3", 1e-3, [500, 500]), cell("signum:lr=3e-3", 3e-3, [1000, 1000])]
+    adamw, muon, signum = tune_arms(cells, 0.05, grid, seeds=2)
+    # adamw: best 1500 at 1e-3; 1450 at 3e-4 is within 5% (>= 1425): the lower lr is taken, inside the grid
+    assert (adamw.best_lr, adamw.chosen_lr, adamw.extend, adamw.complete) == (1e-3, 3e-4, [], True)
+    assert adamw.mean(3e-4) == pytest.approx(1450)
+    assert (muon.chosen_lr, muon.extend) == (1e-4, ["below"])
+    assert (signum.chosen_lr, signum.extend) == (3e-3, ["above"])
+    # with a 3% tolerance 1450 is not close enough to 1500 (< 1455)
+    assert tune_arms(cells[:4], 0.03, grid, seeds=2)[0].chosen_lr == 1e-3
+    # a grid still running is not complete: an lr missing, or a seed missing
+    assert not tune_arms(cells[:3], 0.05, grid, seeds=2)[0].complete
+    assert not tune_arms([*cells[:3], cell("adamw:lr=3e-3", 3e-3, [1000])], 0.05, grid, seeds=2)[0].complete
+
+
+def test_an_alternative_form_is_taken_only_when_it_wins_by_more_than_the_margin():
+    default = tune_arms([cell("adamw:lr=1e-3", 1e-3, [1000, 1000])])[0]
+    close = tune_arms([cell("adamw:lr=1e-3:weight_decay=1e-2", 1e-3, [1040, 1060])])[0]  # 1050: 5.0% better
+    clear = tune_arms([cell("adamw:lr=3e-4:weight_decay=1e-2", 3e-4, [1060, 1060])])[0]
+    assert better_form(default, close, 0.05) is default
+    assert better_form(default, clear, 0.05) is clear
+
+
+def _study(root, returns: dict[str, list[float]]) -> None:
+    """Hand-built stage-1 runs: {arm: final return at lr 1e-4, 3e-4, 1e-3, 3e-3}, two seeds each (+-20 around it)."""
+    from tests.run_folders import episodes, write_evaluation, write_run
+
+    for arm, values in returns.items():
+        optimizer, *settings = arm.split(":")
+        for lr, value in zip((1e-4, 3e-4, 1e-3, 3e-3), values):
+            configuration = ":".join([optimizer, f"lr={lr:.0e}".replace("e-0", "e-"), *settings])
+            for seed, shift in ((100, -20.0), (101, 20.0)):
+                run = write_run(root / "runs", f"{configuration}-s{seed}".replace(":", "_"), task="humanoid",
+                                optim=optimizer, seed=seed, lr=lr, policy="resmlp", configuration=configuration,
+                                checkpoints={"ckpt-final": (10000, 0.3)})
+                write_evaluation(os.path.join(run, "ckpt-final"), "humanoid", episodes(0, value + shift))
+
+
+DOPR = "stats=batch:precond_every=20:damping_mode=trace:damping=0.1"
+PAPER = "dopr-adamw:stats=same-batch:damping_mode=trace:damping=1e-4"
+
+
+def _select(root) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SELECT, str(root)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(ROOT),
+                                                                            os.environ.get("PYTHONPATH", "")])})
+
+
+def test_selection_script_prints_the_reporting_optims_when_final(tmp_path):
+    hill = [1000.0, 1500.0, 2000.0, 1200.0]  # best and chosen at 1e-3: inside the grid
+    returns = {arm: hill for b in ("adamw", "muon", "signum", "adamuon") for arm in (b, f"dopr-{b}:{DOPR}")}
+    returns["adamw:weight_decay=1e-2"] = [1000.0, 1500.0, 2090.0, 1200.0]  # 4.5% better: not taken
+    returns[PAPER] = [1000.0, 2200.0, 1500.0, 1200.0]  # 10% better at 3e-4: taken
+    _study(tmp_path, returns)
+    done = _select(tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert '    "adamw:lr=1e-3",\n' in done.stdout and f'    "dopr-muon:lr=1e-3:{DOPR}",\n' in done.stdout
+    assert '    "dopr-adamw:lr=3e-4:stats=same-batch:damping_mode=trace:damping=1e-4",\n' in done.stdout
+    assert "weight_decay=1e-2\"" not in done.stdout.split("Final.")[1]
+    assert "| adamw | 1000 (980, 1020) | 1500 (1480, 1520) | **2000 (1980, 2020)** | 1200 (1180, 1220) |" in done.stdout
+
+
+def test_selection_script_asks_for_the_extension_past_an_end(tmp_path):
+    hill = [1000.0, 1500.0, 2000.0, 1200.0]
+    returns = {arm: hill for b in ("adamw", "muon", "signum", "adamuon") for arm in (b, f"dopr-{b}:{DOPR}")}
+    returns["signum"] = [2000.0, 1500.0, 1000.0, 500.0]  # best at the low end: 3e-5 for signum and dopr-signum
+    returns["adamw:weight_decay=1e-2"] = returns[PAPER] = hill
+    _study(tmp_path, returns)
+    done = _select(tmp_path)
+    assert done.returncode == 1 and "Not final: the grid extensions" in done.stdout
+    assert '    "signum:lr=3e-5",\n' in done.stdout and f'    "dopr-signum:lr=3e-5:{DOPR}",\n' in done.stdout
+    assert "lr=1e-2" not in done.stdout
