@@ -54,6 +54,10 @@ class TunedArm:
         return min(lr for lr in self.by_lr if self.mean(lr) >= best - self.tolerance * abs(best))
 
     @property
+    def chosen_mean(self) -> float:
+        return self.mean(self.chosen_lr)
+
+    @property
     def extend(self) -> list[str]:
         """"below" and/or "above": the ends of the grid that the best or the chosen lr lies at."""
         lrs, at = sorted(self.by_lr), {self.best_lr, self.chosen_lr}
@@ -76,5 +80,5 @@ def tune_arms(cells, tolerance: float = 0.05, grid: tuple[float, ...] = (), seed
 def better_form(default: TunedArm, alternative: TunedArm, margin: float = 0.05) -> TunedArm:
     """The alternative form of an arm (another weight decay, another preconditioner form) only if its mean at its
     chosen lr beats the default's at its chosen lr by more than `margin` of the default's magnitude."""
-    base = default.mean(default.chosen_lr)
-    return alternative if alternative.mean(alternative.chosen_lr) > base + margin * abs(base) else default
+    base = default.chosen_mean
+    return alternative if alternative.chosen_mean > base + margin * abs(base) else default

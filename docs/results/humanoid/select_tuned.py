@@ -85,20 +85,21 @@ def main(stage_dirs: list[str]) -> int:
     tuned = {}
     for b in BASES:
         for optimizer in (b, f"dopr-{b}"):
-            arm = arms[default_arm(optimizer)]
+            arm = default = arms[default_arm(optimizer)]
             if optimizer in ALTERNATIVE:
-                arm = better_form(arm, arms[ALTERNATIVE[optimizer]], MARGIN)
+                alternative = arms[ALTERNATIVE[optimizer]]
+                arm = better_form(default, alternative, MARGIN)
                 print(f"- {optimizer}: form {arm.name!r} (the alternative is taken only if >{MARGIN:.0%} better: "
-                      f"{arms[default_arm(optimizer)].mean(arms[default_arm(optimizer)].chosen_lr):.0f} vs "
-                      f"{arms[ALTERNATIVE[optimizer]].mean(arms[ALTERNATIVE[optimizer]].chosen_lr):.0f})")
+                      f"{default.chosen_mean:.0f} vs {alternative.chosen_mean:.0f})")
             tuned[optimizer] = arm
     extensions = []
     for optimizer, arm in tuned.items():
         for side in arm.extend:
-            end = (min if side == "below" else max)(arm.by_lr)
+            end_of = min if side == "below" else max
+            end = end_of(arm.by_lr)
             for name in (arm.name, tuned[counterpart(optimizer)].name):
                 target = arms[name]
-                lr = next_lr((min if side == "below" else max)(target.by_lr), side)
+                lr = next_lr(end_of(target.by_lr), side)
                 spec = with_lr(name, lr)
                 if spec not in extensions and lr not in target.by_lr:
                     extensions.append(spec)
