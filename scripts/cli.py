@@ -22,6 +22,7 @@ SUBCOMMANDS = [
     "train",
     "eval",
     "report",
+    "archive",
     "experiment",
     "export",
     "serve",

@@ -379,3 +379,48 @@ def test_arms_ranked_by_validation_loss_and_by_return_match_hand_computed(tmp_pa
     assert "The lowest validation loss, dopr-adamw, ranks 2 of 4 in return; the highest return, dopr-muon, " \
            "ranks 3 in validation loss." in section
     assert "| dopr-muon | 2 | 0.4 | 3 | 1500.0 | 1 |" in section
+
+
+def test_archive_keeps_what_the_report_reads_without_the_weights(runs, tmp_path):
+    """`dopr archive` (a real process) on two real runs: the comparison table and the report's numbers read from the
+    archive equal those read from the runs; no weights or videos are copied; archiving again copies nothing, and a
+    changed evaluation is copied again."""
+    import subprocess
+    import sys
+
+    from dopr.eval.comparison import cells_from_runs, comparison_table
+    from dopr.eval.report import build_report
+
+    def archive():
+        proc = subprocess.run([sys.executable, "-m", "dopr", "archive", *runs, "--out", str(tmp_path / "archive")],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    assert "archived 2 runs" in archive()
+    archived = [str(tmp_path / "archive" / os.path.basename(r)) for r in runs]
+    files = [os.path.relpath(os.path.join(d, f), a) for a in archived for d, _, fs in os.walk(a) for f in fs]
+    names = set(files)
+    assert "ckpt-final/eval/results.json" in names and "ckpt-0000040/meta.json" in names
+    assert "metrics.jsonl" in names and "ckpt-final/eval/compounding_error.json" in names
+    assert not [n for n in names if n.endswith((".safetensors", ".pt", ".mp4"))]
+    assert comparison_table(cells_from_runs(archived)) == comparison_table(cells_from_runs(runs))
+    for name, folders in (("runs", runs), ("archive", archived)):
+        build_report(folders, str(tmp_path / f"report-{name}"))
+    from_runs, from_archive = (json.load(open(tmp_path / f"report-{n}" / "report.json")) for n in ("runs", "archive"))
+    assert from_archive["spearman_val_loss_vs_success"] == from_runs["spearman_val_loss_vs_success"]
+    without_path = [[{k: v for k, v in row.items() if k != "checkpoint"} for row in r["checkpoints"]]
+                    for r in (from_runs, from_archive)]
+    assert without_path[0] == without_path[1] and len(without_path[0]) == 6
+
+    assert f"0 files copied, {len(files)} unchanged" in archive()
+    results = os.path.join(runs[0], "ckpt-final", "eval", "results.json")
+    original = open(results).read()
+    try:
+        data = json.loads(original)
+        data["note"] = "changed"
+        open(results, "w").write(json.dumps(data))
+        assert f"1 files copied, {len(files) - 1} unchanged" in archive()
+        assert json.load(open(os.path.join(archived[0], "ckpt-final", "eval", "results.json")))["note"] == "changed"
+    finally:
+        open(results, "w").write(original)  # the fixture's runs are shared by the module's other tests

@@ -1,0 +1,62 @@
+"""`dopr archive`: copy the results of run folders (no weights) to a folder small enough to commit."""
+
+from __future__ import annotations
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "archive",
+        help="copy run folders' results (configs, metrics, evaluations; no weights, no videos) to commit them",
+        description=(
+            "Copy what the report, the comparison table and the tuning rule read of each run folder (config.json, "
+            "metrics.jsonl, ckpt-*/meta.json and ckpt-*/eval/{results.json,episodes.jsonl,compounding_error.json}) "
+            "to OUT/RUN_NAME, leaving out the checkpoints' weights and the videos: kilobytes per run instead of "
+            "megabytes. A long study commits its archive as runs finish, so that its numbers outlive the machine "
+            "(`dopr report OUT/*` reads the archive as it reads the runs). Files already archived are replaced "
+            "only when they changed; nothing in OUT is deleted."
+        ),
+    )
+    p.add_argument("runs", nargs="+", help="run folders, e.g. out/humanoid/stage1-tune/runs/*; folders training "
+                                           "has not written config.json into yet are skipped")
+    p.add_argument("--out", required=True, help="archive folder, e.g. docs/results/humanoid/runs/stage1-tune")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    import os
+    import shutil
+    import sys
+
+    from dopr.atomic import atomic_path
+    from dopr.eval.runs import is_run_folder, record_files
+
+    copied = unchanged = runs = 0
+    for run_dir in args.runs:
+        if not is_run_folder(run_dir):
+            continue
+        runs += 1
+        try:
+            names = record_files(run_dir)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"dopr archive: error: {err}", file=sys.stderr)
+            return 2
+        for name in names:
+            src = os.path.join(run_dir, name)
+            dst = os.path.join(args.out, os.path.basename(os.path.normpath(run_dir)), name)
+            if os.path.isfile(dst) and _same_bytes(src, dst):
+                unchanged += 1
+                continue
+            with atomic_path(dst) as tmp:  # a kill mid-copy leaves the old file, never half of the new one
+                shutil.copyfile(src, tmp)
+            copied += 1
+    if not runs:
+        print(f"dopr archive: error: none of the {len(args.runs)} folders is a run folder (no config.json)",
+              file=sys.stderr)
+        return 2
+    print(f"archived {runs} runs to {args.out}: {copied} files copied, {unchanged} unchanged")
+    return 0
+
+
+def _same_bytes(a: str, b: str) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read() == fb.read()
