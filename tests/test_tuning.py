@@ -76,10 +76,13 @@ DOPR = "stats=batch:precond_every=20:damping_mode=trace:damping=0.1"
 PAPER = "dopr-adamw:stats=same-batch:damping_mode=trace:damping=1e-4"
 
 
+def _select_env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
 def _select(root) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, SELECT, str(root)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(ROOT),
-                                                                            os.environ.get("PYTHONPATH", "")])})
+                          env=_select_env())
 
 
 def test_selection_script_prints_the_reporting_optims_when_final(tmp_path):
@@ -94,6 +97,11 @@ def test_selection_script_prints_the_reporting_optims_when_final(tmp_path):
     assert '    "dopr-adamw:lr=3e-4:stats=same-batch:damping_mode=trace:damping=1e-4",\n' in done.stdout
     assert "weight_decay=1e-2\"" not in done.stdout.split("Final.")[1]
     assert "| adamw | 1000 (980, 1020) | 1500 (1480, 1520) | **2000 (1980, 2020)** | 1200 (1180, 1220) |" in done.stdout
+    # the committed archive of the same runs (`dopr archive`: no runs/ level) gives the same selection
+    archive = tmp_path / "archive" / "stage1-tune"
+    subprocess.run([sys.executable, "-m", "dopr", "archive", *sorted(str(p) for p in (tmp_path / "runs").iterdir()),
+                    "--out", str(archive)], check=True, capture_output=True, env=_select_env())
+    assert _select(archive).stdout == done.stdout
 
 
 def test_selection_script_asks_for_the_extension_past_an_end(tmp_path):

@@ -1,6 +1,7 @@
 """Stage 1's selection (PROTOCOL.md, amendments 1 and 2), applied mechanically to the tuning runs.
 
     python docs/results/humanoid/select_tuned.py out/humanoid/stage1-tune [out/humanoid/stage1-extend ...]
+    python docs/results/humanoid/select_tuned.py docs/results/humanoid/archive/stage1-tune     # the committed archive
 
 Prints each arm's final return per lr (mean of the tuning seeds, each seed in parentheses), the lr the rule takes
 (the best mean; among lrs within 5% of it, the lowest), the form of AdamW (weight decay) and of DoPr-AdamW (the
@@ -73,7 +74,10 @@ def grid_table(arms: list[TunedArm]) -> list[str]:
 
 
 def main(stage_dirs: list[str]) -> int:
-    runs = sorted(d for stage in stage_dirs for d in glob.glob(os.path.join(stage, "runs", "*")))
+    # an experiment's folder holds its runs under runs/; an archive (`dopr archive`) holds them directly
+    runs = sorted(d for stage in stage_dirs
+                  for d in glob.glob(os.path.join(stage, "runs", "*") if os.path.isdir(os.path.join(stage, "runs"))
+                                     else os.path.join(stage, "*")))
     arms = {arm.name: arm for arm in tune_arms(cells_from_runs(runs), TOLERANCE, GRID, SEEDS)}
     print("Final return per lr, mean of the tuning seeds (each seed); bold: the lr the rule takes.\n")
     print("\n".join(grid_table(list(arms.values()))) + "\n")
