@@ -150,13 +150,12 @@ def read_run_record(run_dir: str) -> RunRecord:
     return record
 
 
-def record_files(run_dir: str) -> list[str]:
+def record_files(record: RunRecord) -> list[str]:
     """The files of a run folder this module reads, relative to it: what a study's numbers are made of, without the
     checkpoints' weights and the videos (megabytes per run, where these are kilobytes). A copy of them is read by
     the report, the comparison table and the tuning rule exactly as the run folder is (`dopr archive`)."""
-    record = read_run_record(run_dir)
     wanted = ["config.json", "metrics.jsonl"]
     for ckpt in record.checkpoints:
         wanted += [os.path.join(ckpt.name, "meta.json")]
         wanted += [os.path.join(ckpt.name, "eval", name) for name in (RESULTS_FILE, EPISODES_FILE, COMPOUNDING_FILE)]
-    return [name for name in wanted if os.path.isfile(os.path.join(run_dir, name))]
+    return [name for name in wanted if os.path.isfile(os.path.join(record.path, name))]

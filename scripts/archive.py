@@ -11,9 +11,10 @@ def add_parser(sub) -> None:
             "Copy what the report, the comparison table and the tuning rule read of each run folder (config.json, "
             "metrics.jsonl, ckpt-*/meta.json and ckpt-*/eval/{results.json,episodes.jsonl,compounding_error.json}) "
             "to OUT/RUN_NAME, leaving out the checkpoints' weights and the videos: kilobytes per run instead of "
-            "megabytes. A long study commits its archive as runs finish, so that its numbers outlive the machine "
-            "(`dopr report OUT/*` reads the archive as it reads the runs). Files already archived are replaced "
-            "only when they changed; nothing in OUT is deleted."
+            "megabytes. Only finished runs (their final checkpoint evaluated) are archived, so that a commit holds "
+            "no half-written run. A long study commits its archive as runs finish, so that its numbers outlive the "
+            "machine (`dopr report OUT/*` reads the archive as it reads the runs). Files already archived are "
+            "replaced only when they changed; nothing in OUT is deleted."
         ),
     )
     p.add_argument("runs", nargs="+", help="run folders, e.g. out/humanoid/stage1-tune/runs/*; folders training "
@@ -28,19 +29,23 @@ def main(args) -> int:
     import sys
 
     from dopr.atomic import atomic_path
-    from dopr.eval.runs import is_run_folder, record_files
+    from dopr.eval.runs import is_run_folder, read_run_record, record_files
 
-    copied = unchanged = runs = 0
+    copied = unchanged = runs = unfinished = 0
     for run_dir in args.runs:
         if not is_run_folder(run_dir):
             continue
-        runs += 1
         try:
-            names = record_files(run_dir)
+            record = read_run_record(run_dir)
+            finished = record.final is not None and record.final.results is not None
         except (ValueError, FileNotFoundError) as err:
             print(f"dopr archive: error: {err}", file=sys.stderr)
             return 2
-        for name in names:
+        if not finished:
+            unfinished += 1
+            continue
+        runs += 1
+        for name in record_files(record):
             src = os.path.join(run_dir, name)
             dst = os.path.join(args.out, os.path.basename(os.path.normpath(run_dir)), name)
             if os.path.isfile(dst) and _same_bytes(src, dst):
@@ -49,11 +54,12 @@ def main(args) -> int:
             with atomic_path(dst) as tmp:  # a kill mid-copy leaves the old file, never half of the new one
                 shutil.copyfile(src, tmp)
             copied += 1
-    if not runs:
+    if not runs and not unfinished:
         print(f"dopr archive: error: none of the {len(args.runs)} folders is a run folder (no config.json)",
               file=sys.stderr)
         return 2
-    print(f"archived {runs} runs to {args.out}: {copied} files copied, {unchanged} unchanged")
+    print(f"archived {runs} runs to {args.out}: {copied} files copied, {unchanged} unchanged"
+          + (f"; {unfinished} not finished (no evaluated ckpt-final), left for a later archive" if unfinished else ""))
     return 0
 
 

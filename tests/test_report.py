@@ -391,13 +391,17 @@ def test_archive_keeps_what_the_report_reads_without_the_weights(runs, tmp_path)
     from dopr.eval.comparison import cells_from_runs, comparison_table
     from dopr.eval.report import build_report
 
+    unfinished = tmp_path / "unfinished"  # a run training has begun: config.json, no evaluated ckpt-final yet
+    unfinished.mkdir()
+    shutil.copyfile(os.path.join(runs[0], "config.json"), unfinished / "config.json")
+
     def archive():
-        proc = subprocess.run([sys.executable, "-m", "dopr", "archive", *runs, "--out", str(tmp_path / "archive")],
-                              capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "dopr", "archive", *runs, str(unfinished), "--out",
+                               str(tmp_path / "archive")], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
-    assert "archived 2 runs" in archive()
+    assert "archived 2 runs" in archive() and not (tmp_path / "archive" / "unfinished").exists()
     archived = [str(tmp_path / "archive" / os.path.basename(r)) for r in runs]
     files = [os.path.relpath(os.path.join(d, f), a) for a in archived for d, _, fs in os.walk(a) for f in fs]
     names = set(files)
