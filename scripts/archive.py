@@ -19,11 +19,13 @@ def add_parser(sub) -> None:
     )
     p.add_argument("runs", nargs="+", help="run folders, e.g. out/humanoid/stage1-tune/runs/*; folders training "
                                            "has not written config.json into yet are skipped")
-    p.add_argument("--out", required=True, help="archive folder, e.g. docs/results/humanoid/runs/stage1-tune")
+    p.add_argument("--out", required=True, help="archive folder, e.g. docs/results/humanoid/archive/stage1-tune "
+                                               "(not one named runs/: git ignores those)")
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
+    import filecmp
     import os
     import shutil
     import sys
@@ -48,7 +50,7 @@ def main(args) -> int:
         for name in record_files(record):
             src = os.path.join(run_dir, name)
             dst = os.path.join(args.out, os.path.basename(os.path.normpath(run_dir)), name)
-            if os.path.isfile(dst) and _same_bytes(src, dst):
+            if os.path.isfile(dst) and filecmp.cmp(src, dst, shallow=False):
                 unchanged += 1
                 continue
             with atomic_path(dst) as tmp:  # a kill mid-copy leaves the old file, never half of the new one
@@ -62,7 +64,3 @@ def main(args) -> int:
           + (f"; {unfinished} not finished (no evaluated ckpt-final), left for a later archive" if unfinished else ""))
     return 0
 
-
-def _same_bytes(a: str, b: str) -> bool:
-    with open(a, "rb") as fa, open(b, "rb") as fb:
-        return fa.read() == fb.read()
