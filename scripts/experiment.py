@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
-
 import tomllib
+from pathlib import Path
 
 from dopr.eval.experiment import ExperimentConfig
 from dopr.eval.experiment import __doc__ as EXPERIMENT_DOC

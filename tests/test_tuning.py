@@ -114,3 +114,27 @@ def test_selection_script_asks_for_the_extension_past_an_end(tmp_path):
     assert done.returncode == 1 and "Not final: the grid extensions" in done.stdout
     assert '    "signum:lr=3e-5",\n' in done.stdout and f'    "dopr-signum:lr=3e-5:{DOPR}",\n' in done.stdout
     assert "lr=1e-2" not in done.stdout
+
+
+def test_study_driver_writes_configs_that_differ_from_the_tuning_config_only_where_asked(tmp_path):
+    sys.path.insert(0, os.path.dirname(SELECT))
+    try:
+        import run_study
+    finally:
+        sys.path.remove(os.path.dirname(SELECT))
+    from dopr.eval.experiment import ExperimentConfig
+
+    optims = ["adamw:lr=1e-3", f"dopr-adamw:lr=3e-3:{DOPR}"]
+    text = run_study.derived_config("why\n\nhow", optims=optims, seeds=8, seed_offset=0, eval_every=2500,
+                                    out="out/humanoid/report")
+    assert text.startswith("# why\n#\n# how\ntasks = ")
+    tune = ExperimentConfig.from_file(os.path.join(os.path.dirname(SELECT), "stage1-tune.toml"))
+    (tmp_path / "humanoid.toml").write_text(text)
+    derived = ExperimentConfig.from_file(str(tmp_path / "humanoid.toml"))
+    assert (derived.optims, derived.seeds, derived.seed_offset, derived.eval_every, derived.out) == (
+        optims, 8, 0, 2500, "out/humanoid/report")
+    changed = {"optims", "seeds", "seed_offset", "eval_every", "out"}
+    assert {k: v for k, v in vars(derived).items() if k not in changed} == {
+        k: v for k, v in vars(tune).items() if k not in changed}
+    with pytest.raises(AssertionError, match="no single 'not_a_key' line"):
+        run_study.derived_config("x", not_a_key=1)

@@ -73,19 +73,21 @@ def grid_table(arms: list[TunedArm]) -> list[str]:
     return lines
 
 
-def main(stage_dirs: list[str]) -> int:
+def selection(stage_dirs: list[str]) -> tuple[str, list[str], list[str] | None]:
+    """(what main prints, the grid extensions asked for, the reporting optims: None until final)."""
+    out: list[str] = []  # main prints these lines; the study driver (run_study.py) reads the two lists
     # an experiment's folder holds its runs under runs/; an archive (`dopr archive`) holds them directly
     runs = sorted(d for stage in stage_dirs
                   for d in glob.glob(os.path.join(stage, "runs", "*") if os.path.isdir(os.path.join(stage, "runs"))
                                      else os.path.join(stage, "*")))
     arms = {arm.name: arm for arm in tune_arms(cells_from_runs(runs), TOLERANCE, GRID, SEEDS)}
-    print("Final return per lr, mean of the tuning seeds (each seed); bold: the lr the rule takes.\n")
-    print("\n".join(grid_table(list(arms.values()))) + "\n")
+    out.append("Final return per lr, mean of the tuning seeds (each seed); bold: the lr the rule takes.\n")
+    out.append("\n".join(grid_table(list(arms.values()))) + "\n")
     wanted = [default_arm(o) for b in BASES for o in (b, f"dopr-{b}")] + list(ALTERNATIVE.values())
     missing = [name for name in wanted if name not in arms or not arms[name].complete]
     if missing:
-        print(f"Not final: {len(missing)} arm(s) without a complete grid: {', '.join(missing)}")
-        return 1
+        out.append(f"Not final: {len(missing)} arm(s) without a complete grid: {', '.join(missing)}")
+        return "\n".join(out), [], None
     tuned = {}
     for b in BASES:
         for optimizer in (b, f"dopr-{b}"):
@@ -93,8 +95,8 @@ def main(stage_dirs: list[str]) -> int:
             if optimizer in ALTERNATIVE:
                 alternative = arms[ALTERNATIVE[optimizer]]
                 arm = better_form(default, alternative, MARGIN)
-                print(f"- {optimizer}: form {arm.name!r} (the alternative is taken only if >{MARGIN:.0%} better: "
-                      f"{default.chosen_mean:.0f} vs {alternative.chosen_mean:.0f})")
+                out.append(f"- {optimizer}: form {arm.name!r} (the alternative is taken only if >{MARGIN:.0%} better: "
+                           f"{default.chosen_mean:.0f} vs {alternative.chosen_mean:.0f})")
             tuned[optimizer] = arm
     extensions = []
     for optimizer, arm in tuned.items():
@@ -107,15 +109,22 @@ def main(stage_dirs: list[str]) -> int:
                 spec = with_lr(name, lr)
                 if spec not in extensions and lr not in target.by_lr:
                     extensions.append(spec)
-            print(f"- {optimizer}: chosen lr {lr_text(arm.chosen_lr)} / best {lr_text(arm.best_lr)} at the {side} end "
-                  f"({lr_text(end)}) of its grid")
+            out.append(f"- {optimizer}: chosen lr {lr_text(arm.chosen_lr)} / best {lr_text(arm.best_lr)} at the {side} "
+                       f"end ({lr_text(end)}) of its grid")
     if extensions:
-        print("\nNot final: the grid extensions the rule asks for (run on the tuning seeds, then read again):")
-        print("optims = [\n" + "".join(f'    "{s}",\n' for s in extensions) + "]")
-        return 1
-    print("\nFinal. The reporting stage's optims:")
-    print("optims = [\n" + "".join(f'    "{with_lr(arm.name, arm.chosen_lr)}",\n' for arm in tuned.values()) + "]")
-    return 0
+        out.append("\nNot final: the grid extensions the rule asks for (run on the tuning seeds, then read again):")
+        out.append("optims = [\n" + "".join(f'    "{s}",\n' for s in extensions) + "]")
+        return "\n".join(out), extensions, None
+    final = [with_lr(arm.name, arm.chosen_lr) for arm in tuned.values()]
+    out.append("\nFinal. The reporting stage's optims:")
+    out.append("optims = [\n" + "".join(f'    "{s}",\n' for s in final) + "]")
+    return "\n".join(out), [], final
+
+
+def main(stage_dirs: list[str]) -> int:
+    text, _, final = selection(stage_dirs)
+    print(text)
+    return 0 if final is not None else 1
 
 
 if __name__ == "__main__":
