@@ -75,7 +75,8 @@ def run_stage(stage: str, commit_archive: bool) -> None:
     while subprocess.run(["pgrep", "-f", f"dopr experiment --config .*{CONFIG[stage]}"],
                          capture_output=True).returncode == 0:
         print(f"[study] another `dopr experiment` runs {CONFIG[stage]}: waiting for it to end", flush=True)
-        time.sleep(60)
+        time.sleep(ARCHIVE_EVERY_S)
+        archive(stage, commit_archive)
     log = open(os.path.join(ROOT, OUT, f"{stage}.log"), "a")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two runs, one core each (PROTOCOL.md: 2-core machine)
     print(f"[study] {stage}: dopr experiment --config {os.path.relpath(config, ROOT)} (log {log.name})", flush=True)
