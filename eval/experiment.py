@@ -33,6 +33,7 @@ import json
 import os
 import typing
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 from dopr.eval.config import EvalConfig
 from dopr.options import option, reuse
@@ -186,16 +187,11 @@ class Run:
 
 def run_experiment(cfg: ExperimentConfig) -> str:
     """Runs what is missing of the experiment; returns the markdown table."""
-    import contextlib
     import sys
-    import time
     from collections import Counter
-    from pathlib import Path
 
     from dopr.envs import list_tasks
-    from dopr.envs.collect import CollectConfig, collect
-    from dopr.eval.comparison import cells_from_runs, comparison_table
-    from dopr.eval.report import build_report
+    from dopr.folder_lock import FolderLock
     from dopr.train import POLICY_KINDS
 
     for name, values, allowed in (("task", cfg.tasks, list_tasks()), ("policy", cfg.policies, POLICY_KINDS)):
@@ -223,6 +219,19 @@ def run_experiment(cfg: ExperimentConfig) -> str:
         check_ray_options(cfg)
     bars = sys.stderr.isatty()  # progress bars in a terminal; a log file gets the [experiment] lines
     out = Path(cfg.out).absolute()
+    # one writer per study: a second `dopr experiment` on this folder would train the same runs at the same time
+    with FolderLock.acquire(out, "dopr experiment"):
+        return _run_missing(cfg, out, configurations, bars)
+
+
+def _run_missing(cfg: ExperimentConfig, out: Path, configurations: list[Configuration], bars: bool) -> str:
+    import contextlib
+    import time
+
+    from dopr.envs.collect import CollectConfig, collect
+    from dopr.eval.comparison import cells_from_runs, comparison_table
+    from dopr.eval.report import build_report
+
     out.mkdir(parents=True, exist_ok=True)
     (out / "experiment.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     started = time.time()
@@ -272,8 +281,6 @@ def run_one(cfg: ExperimentConfig, run: Run, bars: bool = False) -> str:
     The same function in this process (local backend) and in a Ray task: all it keeps is in the run folder, so a
     run interrupted anywhere goes on from its latest checkpoint, and a finished one is reused (its final
     evaluation completed when interrupted), whichever process runs it next."""
-    from pathlib import Path
-
     from dopr.atomic import read_jsonl
     from dopr.eval import EvalConfig, checkpoint_evaluation, evaluate_checkpoint, measure_compounding_error
     from dopr.eval.results import COMPOUNDING_FILE, EPISODES_FILE, read_episodes

@@ -88,7 +88,16 @@ def build_training_state(cfg: TrainConfig, train_set, obs_shapes: dict, action_d
 def train(cfg: TrainConfig, evaluate: Callable[[Path], dict] | None = None) -> Path:
     """Train; returns the ckpt-final folder. With cfg.eval_every, `evaluate(checkpoint)` evaluates a checkpoint
     closed-loop and gives the eval_* entries of its metrics line: eval_success_rate, eval_episodes, and
-    eval_videos when it wrote videos (dopr.eval.checkpoint_evaluation; training does not import evaluation)."""
+    eval_videos when it wrote videos (dopr.eval.checkpoint_evaluation; training does not import evaluation).
+    One process writes a run folder at a time: a second `dopr train` on it is refused (dopr.folder_lock)."""
+    from dopr.folder_lock import FolderLock
+
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    with FolderLock.acquire(cfg.out, "dopr train") if main_process else nullcontext():
+        return _train(cfg, evaluate)
+
+
+def _train(cfg: TrainConfig, evaluate: Callable[[Path], dict] | None) -> Path:
     import torch
     import torch.distributed as dist
     from tqdm import tqdm
