@@ -57,7 +57,7 @@ def test_an_alternative_form_is_taken_only_when_it_wins_by_more_than_the_margin(
     assert better_form(default, clear, 0.05) is clear
 
 
-def _study(root, returns: dict[str, list[float]]) -> None:
+def _study(root, returns: dict[str, list[float]], task: str = "humanoid") -> None:
     """Hand-built stage-1 runs: {arm: final return at lr 1e-4, 3e-4, 1e-3, 3e-3}, two seeds each (+-20 around it)."""
     from tests.run_folders import episodes, write_evaluation, write_run
 
@@ -66,10 +66,10 @@ def _study(root, returns: dict[str, list[float]]) -> None:
         for lr, value in zip((1e-4, 3e-4, 1e-3, 3e-3), values):
             configuration = ":".join([optimizer, f"lr={lr:.0e}".replace("e-0", "e-"), *settings])
             for seed, shift in ((100, -20.0), (101, 20.0)):
-                run = write_run(root / "runs", f"{configuration}-s{seed}".replace(":", "_"), task="humanoid",
+                run = write_run(root / "runs", f"{configuration}-s{seed}".replace(":", "_"), task=task,
                                 optim=optimizer, seed=seed, lr=lr, policy="resmlp", configuration=configuration,
                                 checkpoints={"ckpt-final": (10000, 0.3)})
-                write_evaluation(os.path.join(run, "ckpt-final"), "humanoid", episodes(0, value + shift))
+                write_evaluation(os.path.join(run, "ckpt-final"), task, episodes(0, value + shift))
 
 
 DOPR = "stats=batch:precond_every=20:damping_mode=trace:damping=0.1"
@@ -116,7 +116,22 @@ def test_selection_script_asks_for_the_extension_past_an_end(tmp_path):
     assert "lr=1e-2" not in done.stdout
 
 
+def test_walker2d_selection_reads_adamw_and_dopr_adamw_only(tmp_path):
+    hill = [1000.0, 1500.0, 2000.0, 1200.0]
+    _study(tmp_path, {"adamw": hill, f"dopr-adamw:{DOPR}": hill, "adamw:weight_decay=1e-2": hill, PAPER: hill},
+           task="walker2d")
+    done = _select(tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.split("Final.")[1].count('    "') == 2 and f'"dopr-adamw:lr=1e-3:{DOPR}",' in done.stdout
+    # the Humanoid study reads the same runs as four arms short
+    (tmp_path / "h").mkdir()
+    _study(tmp_path / "h", {"adamw": hill, f"dopr-adamw:{DOPR}": hill, "adamw:weight_decay=1e-2": hill, PAPER: hill})
+    assert "Not final: 6 arm(s) without a complete grid: muon" in _select(tmp_path / "h").stdout
+
+
 def test_study_driver_writes_configs_that_differ_from_the_tuning_config_only_where_asked(tmp_path):
+    import tomllib
+
     sys.path.insert(0, os.path.dirname(SELECT))
     try:
         import run_study
@@ -124,11 +139,12 @@ def test_study_driver_writes_configs_that_differ_from_the_tuning_config_only_whe
         sys.path.remove(os.path.dirname(SELECT))
     from dopr.eval.experiment import ExperimentConfig
 
+    humanoid = run_study.STUDIES["humanoid"]
     optims = ["adamw:lr=1e-3", f"dopr-adamw:lr=3e-3:{DOPR}"]
-    text = run_study.derived_config("why\n\nhow", optims=optims, seeds=8, seed_offset=0, eval_every=2500,
-                                    out="out/humanoid/report")
+    text = run_study.derived_config(humanoid.config("stage1-tune"), "why\n\nhow", optims=optims, seeds=8,
+                                    seed_offset=0, eval_every=2500, out="out/humanoid/report")
     assert text.startswith("# why\n#\n# how\ntasks = ")
-    tune = ExperimentConfig.from_file(os.path.join(os.path.dirname(SELECT), "stage1-tune.toml"))
+    tune = ExperimentConfig.from_file(humanoid.config("stage1-tune"))
     (tmp_path / "humanoid.toml").write_text(text)
     derived = ExperimentConfig.from_file(str(tmp_path / "humanoid.toml"))
     assert (derived.optims, derived.seeds, derived.seed_offset, derived.eval_every, derived.out) == (
@@ -137,4 +153,12 @@ def test_study_driver_writes_configs_that_differ_from_the_tuning_config_only_whe
     assert {k: v for k, v in vars(derived).items() if k not in changed} == {
         k: v for k, v in vars(tune).items() if k not in changed}
     with pytest.raises(AssertionError, match="no single 'not_a_key' line"):
-        run_study.derived_config("x", not_a_key=1)
+        run_study.derived_config(humanoid.config("stage1-tune"), "x", not_a_key=1)
+    # the committed Humanoid stage 1 is what the driver writes for Walker2d: its stage 0 config, the tuning optims
+    # (a one-line optims list rewritten too), a final evaluation only, its own folder
+    stage1 = run_study.derived_config(humanoid.config("stage0-demos5"), "x", optims=run_study.tuning_optims(humanoid),
+                                      eval_every=10000, out=humanoid.out("stage1-tune"))
+    assert tomllib.loads(stage1) == tomllib.loads(open(humanoid.config("stage1-tune")).read())
+    walker = run_study.STUDIES["walker2d"]
+    assert run_study.tuning_optims(walker) == [o for o in tomllib.loads(stage1)["optims"]
+                                               if o.split(":")[0] in ("adamw", "dopr-adamw")]

@@ -2,6 +2,7 @@
 
     python docs/results/humanoid/select_tuned.py out/humanoid/stage1-tune [out/humanoid/stage1-extend ...]
     python docs/results/humanoid/select_tuned.py docs/results/humanoid/archive/stage1-tune     # the committed archive
+    python docs/results/humanoid/select_tuned.py out/walker2d/stage1-tune      # Walker2d: AdamW and DoPr-AdamW only
 
 Prints each arm's final return per lr (mean of the tuning seeds, each seed in parentheses), the lr the rule takes
 (the best mean; among lrs within 5% of it, the lowest), the form of AdamW (weight decay) and of DoPr-AdamW (the
@@ -21,7 +22,8 @@ import sys
 from dopr.eval.comparison import cells_from_runs
 from dopr.eval.tuning import TunedArm, better_form, tune_arms
 
-BASES = ("adamw", "muon", "signum", "adamuon")
+# the base optimizers each task's study tunes, each with its DoPr arm (PROTOCOL.md; amendment 3 for Walker2d)
+BASES = {"humanoid": ("adamw", "muon", "signum", "adamuon"), "walker2d": ("adamw",)}
 DOPR_DEFAULT = "stats=batch:precond_every=20:damping_mode=trace:damping=0.1"  # amendment 2
 # the second form each of these two arms is tuned in (amendment 2); it replaces the default only if >5% better
 ALTERNATIVE = {"adamw": "adamw:weight_decay=1e-2",
@@ -80,16 +82,22 @@ def selection(stage_dirs: list[str]) -> tuple[str, list[str], list[str] | None]:
     runs = sorted(d for stage in stage_dirs
                   for d in glob.glob(os.path.join(stage, "runs", "*") if os.path.isdir(os.path.join(stage, "runs"))
                                      else os.path.join(stage, "*")))
-    arms = {arm.name: arm for arm in tune_arms(cells_from_runs(runs), TOLERANCE, GRID, SEEDS)}
+    cells = cells_from_runs(runs)
+    tasks = sorted({cell.task for cell in cells})
+    if len(tasks) != 1 or tasks[0] not in BASES:
+        raise SystemExit(f"select_tuned.py: the runs under {stage_dirs} are of task(s) {tasks}; one of "
+                         f"{sorted(BASES)} expected")
+    bases = BASES[tasks[0]]
+    arms = {arm.name: arm for arm in tune_arms(cells, TOLERANCE, GRID, SEEDS)}
     out.append("Final return per lr, mean of the tuning seeds (each seed); bold: the lr the rule takes.\n")
     out.append("\n".join(grid_table(list(arms.values()))) + "\n")
-    wanted = [default_arm(o) for b in BASES for o in (b, f"dopr-{b}")] + list(ALTERNATIVE.values())
+    wanted = [default_arm(o) for b in bases for o in (b, f"dopr-{b}")] + list(ALTERNATIVE.values())
     missing = [name for name in wanted if name not in arms or not arms[name].complete]
     if missing:
         out.append(f"Not final: {len(missing)} arm(s) without a complete grid: {', '.join(missing)}")
         return "\n".join(out), [], None
     tuned = {}
-    for b in BASES:
+    for b in bases:
         for optimizer in (b, f"dopr-{b}"):
             arm = default = arms[default_arm(optimizer)]
             if optimizer in ALTERNATIVE:
