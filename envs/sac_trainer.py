@@ -217,15 +217,21 @@ def plot_returns(folder: Path, title: str) -> Path:
 
 # --- the training run ---------------------------------------------------------------------------
 def train_sac_expert(config: SACConfig, out: str | Path, progress: bool = True) -> dict:
-    """Train (or resume) SAC on config.env_id until config.steps environment steps; returns the last metrics row."""
+    """Train (or resume) SAC on config.env_id until config.steps environment steps; returns the last metrics row.
+    One process trains an expert folder at a time: a second one on it is refused (dopr.folder_lock)."""
+    from dopr.folder_lock import FolderLock
+
     require_sb3()
+    with FolderLock.acquire(out, "dopr expert train"):
+        return _train(config, Path(out), progress)
+
+
+def _train(config: SACConfig, out: Path, progress: bool) -> dict:
     import torch
     from stable_baselines3 import SAC
     from stable_baselines3.common.callbacks import BaseCallback
     from tqdm import tqdm
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(config.threads)
     saved = out / "sac_config.json"
     if saved.exists():

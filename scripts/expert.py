@@ -41,6 +41,7 @@ def main(args) -> int:
 
     from dopr.envs.gym_env import LOCOMOTION_TASKS
     from dopr.envs.sac_trainer import SACConfig, train_sac_expert
+    from dopr.folder_lock import FolderBusy
 
     if args.task not in LOCOMOTION_TASKS:
         print(f"dopr expert: error: --task {args.task!r} has no RL expert; choose from "
@@ -51,7 +52,11 @@ def main(args) -> int:
                     learning_starts=args.learning_starts, gradient_steps=args.gradient_steps,
                     buffer_size=args.buffer_size, threads=args.threads, stop_at_return=args.stop_at_return)
     out = args.out or f"out/experts/{args.task}"
-    row = train_sac_expert(cfg, out)
+    try:
+        row = train_sac_expert(cfg, out)
+    except FolderBusy as err:
+        print(f"dopr expert: error: {err}", file=sys.stderr)
+        return 2
     if row:
         print(f"{out}: {row['env_steps']} env steps, last evaluation return {row['eval_return_mean']:.1f} "
               f"(sd {row['eval_return_sd']:.1f}); best actor in {out}/actor.safetensors")

@@ -1,5 +1,6 @@
-"""One writer per output folder (dopr.folder_lock), with real processes: a second `dopr experiment` or `dopr train`
-on a folder another process writes is refused at once, naming that process; a SIGKILLed holder leaves no stale lock."""
+"""One writer per output folder (dopr.folder_lock), with real processes: a second `dopr experiment`, `dopr train` or
+`dopr expert train` on a folder another process writes is refused at once, naming that process; a SIGKILLed holder
+leaves no stale lock."""
 
 from __future__ import annotations
 
@@ -44,6 +45,12 @@ def test_a_second_writer_is_refused_and_a_killed_holder_leaves_no_lock(tmp_path)
             refused = dopr("train", "--data", str(tmp_path / "missing.zarr"), "--out", str(run))
         assert refused.returncode == 2 and f"dopr train (pid {os.getpid()}) is writing there" in refused.stderr
         assert "Traceback" not in refused.stderr  # one line, as every user error
+        # and an expert's folder, whose SAC training resumes from it
+        expert = tmp_path / "expert"
+        with FolderLock.acquire(expert, "dopr expert train"):
+            refused = dopr("expert", "train", "--task", "walker2d", "--steps", "100", "--out", str(expert))
+        assert refused.returncode == 2 and f"dopr expert train (pid {os.getpid()}) is writing there" in refused.stderr
+        assert not (expert / "sac_config.json").exists()
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()

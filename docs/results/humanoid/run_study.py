@@ -104,14 +104,19 @@ def archive(study: Study, stage: str, enabled: bool) -> None:
     commit(target, f"{study.task} {stage}: {finished} finished runs archived (run_study.py)", enabled)
 
 
+def wait_for_other(pattern: str, what: str, meanwhile=lambda: None) -> None:
+    """Wait while another process started by hand does this stage's work (it holds the folder's lock)."""
+    while subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0:
+        say(f"another process runs {what}: waiting for it to end")
+        time.sleep(ARCHIVE_EVERY_S)
+        meanwhile()
+
+
 def run_stage(study: Study, stage: str, commit_archive: bool) -> None:
     """`dopr experiment` on the stage's config, archiving its finished runs while it runs."""
     config = study.config(stage)
-    while subprocess.run(["pgrep", "-f", f"dopr experiment --config .*{os.path.basename(config)}"],
-                         capture_output=True).returncode == 0:
-        say(f"another `dopr experiment` runs {os.path.basename(config)}: waiting for it to end")
-        time.sleep(ARCHIVE_EVERY_S)
-        archive(study, stage, commit_archive)
+    wait_for_other(f"dopr experiment --config .*{os.path.basename(config)}", os.path.basename(config),
+                   lambda: archive(study, stage, commit_archive))
     os.makedirs(os.path.join(ROOT, "out", study.task), exist_ok=True)
     log = open(os.path.join(ROOT, "out", study.task, f"{stage}.log"), "a")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two runs, one core each (the 2-core machine)
@@ -170,6 +175,7 @@ def expert_and_stage0(study: Study, enabled: bool) -> str:
     from dopr.eval.comparison import cells_from_runs
 
     expert = os.path.join(ROOT, "out", "experts", study.task)
+    wait_for_other(f"dopr expert train --task {study.task}", f"{study.task}'s expert training")
     say(f"{study.task} expert: training (or resuming) to mean return >= {study.stop_at_return:.0f}")
     with open(os.path.join(ROOT, "out", "experts", f"{study.task}.log"), "a") as log:
         subprocess.run(["dopr", "expert", "train", "--task", study.task, "--steps", "1000000", "--stop-at-return",
