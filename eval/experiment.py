@@ -335,14 +335,15 @@ def run_one(cfg: ExperimentConfig, run: Run, bars: bool = False) -> str:
 
 
 class RunProgress:
-    """Runs done of all, with an ETA from the pace so far: a tqdm bar in a terminal, and a line per finished run."""
+    """Runs done of all, with an ETA from the pace of the runs done here (those found finished and reused took no
+    time): a tqdm bar in a terminal, and a line per finished run."""
 
     def __init__(self, total: int, bars: bool):
         import time
 
         from tqdm import tqdm
 
-        self.total, self.done, self.started = total, 0, time.monotonic()
+        self.total, self.done, self.reused, self.started = total, 0, 0, time.monotonic()
         self.bar = tqdm(total=total, desc="experiment", unit="run", disable=not bars)
 
     def finished(self, name: str, outcome: str) -> None:
@@ -351,9 +352,12 @@ class RunProgress:
         from tqdm import tqdm
 
         self.done += 1
+        self.reused += outcome.endswith(", reused")  # found finished: no time spent, so no pace to go by
         self.bar.update(1)
         elapsed = time.monotonic() - self.started
-        eta = tqdm.format_interval(elapsed / self.done * (self.total - self.done))
+        worked = self.done - self.reused
+        eta = (tqdm.format_interval(elapsed / worked * (self.total - self.done)) if worked
+               else "after the first run not reused")
         tqdm.write(f"[experiment] {name}: {outcome} ({self.done}/{self.total} runs done, "
                    f"{tqdm.format_interval(elapsed)} so far, ETA {eta})")
 

@@ -63,7 +63,10 @@ def test_experiment_reuses_demos_and_finished_runs(experiment, capsys):
     finals = {run: os.path.getmtime(os.path.join(cfg.out, "runs", run, "ckpt-final", "meta.json"))
               for run in os.listdir(os.path.join(cfg.out, "runs"))}
     assert run_experiment(cfg) == table
-    assert "trained and evaluated, reused" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "trained and evaluated, reused" in out
+    # runs found finished took no time: no ETA is made from their pace (it would say the rest takes none)
+    assert "ETA after the first run not reused" in out and "ETA 00:00" not in out
     for run, mtime in finals.items():
         assert os.path.getmtime(os.path.join(cfg.out, "runs", run, "ckpt-final", "meta.json")) == mtime
 
