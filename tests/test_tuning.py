@@ -76,6 +76,16 @@ DOPR = "stats=batch:precond_every=20:damping_mode=trace:damping=0.1"
 PAPER = "dopr-adamw:stats=same-batch:damping_mode=trace:damping=1e-4"
 
 
+def _run_study():
+    """The study driver, docs/results/humanoid/run_study.py (a script beside select_tuned.py, not a package module)."""
+    sys.path.insert(0, os.path.dirname(SELECT))
+    try:
+        import run_study
+    finally:
+        sys.path.remove(os.path.dirname(SELECT))
+    return run_study
+
+
 def _select_env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(ROOT), os.environ.get("PYTHONPATH", "")])}
 
@@ -132,11 +142,7 @@ def test_walker2d_selection_reads_adamw_and_dopr_adamw_only(tmp_path):
 def test_study_driver_writes_configs_that_differ_from_the_tuning_config_only_where_asked(tmp_path):
     import tomllib
 
-    sys.path.insert(0, os.path.dirname(SELECT))
-    try:
-        import run_study
-    finally:
-        sys.path.remove(os.path.dirname(SELECT))
+    run_study = _run_study()
     from dopr.eval.experiment import ExperimentConfig
 
     humanoid = run_study.STUDIES["humanoid"]
@@ -162,3 +168,29 @@ def test_study_driver_writes_configs_that_differ_from_the_tuning_config_only_whe
     walker = run_study.STUDIES["walker2d"]
     assert run_study.tuning_optims(walker) == [o for o in tomllib.loads(stage1)["optims"]
                                                if o.split(":")[0] in ("adamw", "dopr-adamw")]
+
+
+@pytest.mark.parametrize("verdicts, expected", [
+    ({}, ("run", 5)),
+    ({5: "in"}, ("chosen", 5)),
+    ({5: "below"}, ("run", 10)),
+    ({5: "below", 10: "below", 25: "in"}, ("chosen", 25)),
+    ({5: "below", 10: "above"}, ("run", 7)),  # the count between two that jump over the band
+    ({5: "below", 10: "above", 7: "in"}, ("chosen", 7)),
+    ({5: "below", 10: "below", 25: "below", 50: "above"}, ("run", 35)),
+])
+def test_stage0_rule_runs_the_counts_in_order_and_the_one_between(verdicts, expected):
+    run_study = _run_study()
+    assert run_study.stage0_next(verdicts) == expected
+
+
+@pytest.mark.parametrize("verdicts, why", [
+    ({5: "above"}, "5 demonstrations, the fewest run, lie above the band already"),
+    ({5: "below", 10: "above", 7: "below"}, "7 lie below the band and 10 above it"),
+    ({5: "below", 10: "above", 7: "above"}, "5 lie below the band and 7 above it"),
+    ({5: "below", 10: "below", 25: "below", 50: "below"}, "even 50 demonstrations lie below the band"),
+])
+def test_stage0_rule_stops_where_the_protocol_says_nothing_more(verdicts, why):
+    run_study = _run_study()
+    action, text = run_study.stage0_next(verdicts)
+    assert action == "stop" and text.startswith(why)

@@ -198,9 +198,14 @@ def expert_and_stage0(study: Study, enabled: bool) -> str:
     low, high = (f * expert_return for f in BAND)
     say(f"{study.task} expert: return {expert_return:.0f}; stage 0's band {low:.0f}-{high:.0f}")
 
-    counts, verdicts = list(COUNTS), {}
-    while counts:
-        n = counts.pop(0)
+    verdicts: dict[int, str] = {}
+    while True:
+        action, n = stage0_next(verdicts)
+        if action == "chosen":
+            return study.config(f"stage0-demos{n}")
+        if action == "stop":
+            raise SystemExit(f"[study] {study.task} stage 0: {n} ({verdicts}); the protocol says nothing more: "
+                             "stopped for a decision to be written in PROTOCOL.md")
         stage = f"stage0-demos{n}"
         if not os.path.exists(study.config(stage)):  # a count between two that jumped over the band
             header = (f"{study.task} stage 0, the count added between two that jump over the band (PROTOCOL.md, "
@@ -214,16 +219,25 @@ def expert_and_stage0(study: Study, enabled: bool) -> str:
         verdicts[n] = "in" if low <= best <= high else ("below" if best < low else "above")
         say(f"{study.task} stage 0, {n} demonstrations: better AdamW {best:.0f} ({best / expert_return:.0%} of the "
             f"expert's): {verdicts[n]} the band")
-        if verdicts[n] == "in":
-            return study.config(stage)
-        if verdicts[n] == "above":
-            below = [m for m, v in verdicts.items() if v == "below" and m < n]
-            between = BETWEEN.get((max(below), n)) if below else None
-            if between is None or between in verdicts:
-                raise SystemExit(f"[study] {study.task} stage 0: no count lies in the band ({verdicts}); the "
-                                 "protocol does not say what to do: stopped")
-            counts = [between]
-    raise SystemExit(f"[study] {study.task} stage 0: even 50 demonstrations lie below the band ({verdicts}): stopped")
+
+
+def stage0_next(verdicts: dict[int, str]) -> tuple[str, int | str]:
+    """Stage 0's rule (PROTOCOL.md and its notes of sessions 8 and 11) on the verdicts so far ({count: "below", "in"
+    or "above" the band}): ("run", count), ("chosen", count) or ("stop", why)."""
+    inside = [n for n, v in verdicts.items() if v == "in"]
+    if inside:
+        return "chosen", min(inside)
+    above = sorted(n for n, v in verdicts.items() if v == "above")
+    if not above:
+        missing = [n for n in COUNTS if n not in verdicts]
+        return ("run", missing[0]) if missing else ("stop", f"even {COUNTS[-1]} demonstrations lie below the band")
+    below = [n for n, v in verdicts.items() if v == "below" and n < above[0]]
+    if not below:
+        return "stop", f"{above[0]} demonstrations, the fewest run, lie above the band already"
+    between = BETWEEN.get((max(below), above[0]))
+    if between is None:
+        return "stop", f"{max(below)} lie below the band and {above[0]} above it, with no count between in the protocol"
+    return "run", between  # run once: its verdict then makes it a "below" or the first "above"
 
 
 def tuning_optims(study: Study) -> list[str]:
