@@ -188,7 +188,7 @@ def expert_and_stage0(study: Study, enabled: bool) -> str:
         measured = measure_success(study.task, episodes=50, first_seed=100000, progress=False,
                                    expert_path=expert)
         os.makedirs(record, exist_ok=True)
-        for name in ("expert.json", "metrics.jsonl"):
+        for name in ("expert.json", "metrics.jsonl", "returns.png"):  # the README shows the curve
             shutil.copyfile(os.path.join(expert, name), os.path.join(record, name))
         with open(measured_path, "w") as f:
             json.dump({k: measured[k] for k in ("episodes", "successes", "mean_return", "return_sd", "mean_steps",
