@@ -57,7 +57,8 @@ def test_run_folder_layout_and_learning(store, tmp_path, capsys):
     assert said.startswith(f"trained 120 steps; final validation loss {final_val:.4g}, action MSE ")
     assert said.endswith(f"checkpoint {out / 'ckpt-final'}")
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["config.json", "metrics.jsonl", "tb", "ckpt-0000060", "ckpt-0000120", "ckpt-final"])
+        ["config.json", "metrics.jsonl", "tb", "ckpt-0000060", "ckpt-0000120", "ckpt-final",
+         ".lock"])  # dopr.folder_lock's file: who trains here (the lock itself dies with its process)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["lr"] == 1e-3 and cfg["obs_keys"] == ["eef", "object"] and cfg["warmup_steps"] == 12
     metrics = read_metrics(out)
