@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # top-level helpers every stage may use; they import no stage
-SHARED = {"atomic", "lazy", "options", "temporal_ensemble", "ray_cluster"}
+SHARED = {"atomic", "folder_lock", "lazy", "options", "temporal_ensemble", "ray_cluster"}
 # stage -> the stages it may import
 ALLOWED = {
     "data": set(),
