@@ -31,6 +31,7 @@ def main(args) -> int:
     import sys
 
     from dopr.atomic import atomic_path
+    from dopr.eval.results import EpisodeCount
     from dopr.eval.runs import is_run_folder, read_run_record, record_files
 
     copied = unchanged = runs = unfinished = 0
@@ -39,7 +40,9 @@ def main(args) -> int:
             continue
         try:
             record = read_run_record(run_dir)
-            finished = record.final is not None and record.final.results is not None
+            results = record.final.results if record.final is not None else None
+            # an evaluation writes an incomplete results.json when it starts: only a complete one is a result
+            finished = results is not None and EpisodeCount.of(results).complete
         except (ValueError, FileNotFoundError) as err:
             print(f"dopr archive: error: {err}", file=sys.stderr)
             return 2
@@ -61,6 +64,7 @@ def main(args) -> int:
               file=sys.stderr)
         return 2
     print(f"archived {runs} runs to {args.out}: {copied} files copied, {unchanged} unchanged"
-          + (f"; {unfinished} not finished (no evaluated ckpt-final), left for a later archive" if unfinished else ""))
+          + (f"; {unfinished} not finished (ckpt-final not evaluated, or its evaluation incomplete), left for a "
+             "later archive" if unfinished else ""))
     return 0
 

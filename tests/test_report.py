@@ -395,13 +395,22 @@ def test_archive_keeps_what_the_report_reads_without_the_weights(runs, tmp_path)
     unfinished.mkdir()
     shutil.copyfile(os.path.join(runs[0], "config.json"), unfinished / "config.json")
 
+    # a run whose final evaluation has begun: results.json written incomplete at its start, as the evaluator does
+    evaluating = tmp_path / "evaluating"
+    shutil.copytree(runs[0], evaluating)
+    started = json.loads((evaluating / "ckpt-final" / "eval" / "results.json").read_text())
+    started.update(n_episodes=0, success_rate=None, mean_return=None, complete=False)
+    (evaluating / "ckpt-final" / "eval" / "results.json").write_text(json.dumps(started))
+
     def archive():
-        proc = subprocess.run([sys.executable, "-m", "dopr", "archive", *runs, str(unfinished), "--out",
-                               str(tmp_path / "archive")], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "dopr", "archive", *runs, str(unfinished), str(evaluating),
+                               "--out", str(tmp_path / "archive")], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
         return proc.stdout
 
-    assert "archived 2 runs" in archive() and not (tmp_path / "archive" / "unfinished").exists()
+    said = archive()
+    assert "archived 2 runs" in said and "2 not finished" in said
+    assert not (tmp_path / "archive" / "unfinished").exists() and not (tmp_path / "archive" / "evaluating").exists()
     archived = [str(tmp_path / "archive" / os.path.basename(r)) for r in runs]
     files = [os.path.relpath(os.path.join(d, f), a) for a in archived for d, _, fs in os.walk(a) for f in fs]
     names = set(files)
