@@ -4,6 +4,7 @@
     run.configuration, run.policy, run.seed        # from config.json (written by dopr.train)
     for ckpt in run.checkpoints:                   # complete ckpt-* folders, in step order
     run.evaluated()                                # those with results.json, one per step
+    run.finished                                   # ckpt-final's evaluation complete
         ckpt.meta.step, ckpt.meta.val_loss, ckpt.meta.task
         ckpt.results                               # eval/results.json, or None when not evaluated
 
@@ -18,7 +19,7 @@ import math
 import os
 from dataclasses import dataclass, field
 
-from dopr.eval.results import COMPOUNDING_FILE, EPISODES_FILE, RESULTS_FILE
+from dopr.eval.results import COMPOUNDING_FILE, EPISODES_FILE, RESULTS_FILE, EpisodeCount
 
 
 def read_json(path: str) -> dict:
@@ -101,6 +102,13 @@ class RunRecord:
     @property
     def final(self) -> CheckpointRecord | None:
         return next((c for c in self.checkpoints if c.name == "ckpt-final"), None)
+
+    @property
+    def finished(self) -> bool:
+        """Trained, and ckpt-final's evaluation complete. An evaluation writes an incomplete results.json when it
+        starts, so "ckpt-final has results.json" is not enough."""
+        results = self.final.results if self.final is not None else None
+        return results is not None and EpisodeCount.of(results).complete
 
     def evaluated(self) -> list[CheckpointRecord]:
         """The checkpoints with an evaluation (results.json), one per training step, in step order. ckpt-final

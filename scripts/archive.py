@@ -31,7 +31,6 @@ def main(args) -> int:
     import sys
 
     from dopr.atomic import atomic_path
-    from dopr.eval.results import EpisodeCount
     from dopr.eval.runs import is_run_folder, read_run_record, record_files
 
     copied = unchanged = runs = unfinished = 0
@@ -40,13 +39,10 @@ def main(args) -> int:
             continue
         try:
             record = read_run_record(run_dir)
-            results = record.final.results if record.final is not None else None
-            # an evaluation writes an incomplete results.json when it starts: only a complete one is a result
-            finished = results is not None and EpisodeCount.of(results).complete
         except (ValueError, FileNotFoundError) as err:
             print(f"dopr archive: error: {err}", file=sys.stderr)
             return 2
-        if not finished:
+        if not record.finished:
             unfinished += 1
             continue
         runs += 1
