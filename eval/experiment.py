@@ -19,7 +19,9 @@ Everything it makes lives under one folder (default out/experiment):
 It is resumable: demonstrations are topped up to the requested count, finished runs (a ckpt-final
 with a complete evaluation of the same protocol) are skipped, an interrupted run resumes from its latest
 checkpoint, and an unfinished evaluation runs its missing episode seeds (never reused as final).
-Interrupt it at any time and run the same command again.
+Interrupt it at any time and run the same command again. With --archive, the finished runs of a committed
+archive (`dopr archive`) are not run again and the table reads them from there: a study goes on after its run
+folders were lost with a machine.
 
 With --backend ray the runs spread over a Ray cluster (a new local one, or --address's): each is a Ray task
 running the same code on the same folder, so the results are the sequential runner's and resuming works the
@@ -108,6 +110,10 @@ class ExperimentConfig:
     out: str = option("out/experiment", "experiment folder (default %(default)s)")
     demos_dir: str | None = option(
         None, "folder of demonstration stores to share between experiments (default OUT/demos)")
+    archive: str | None = option(
+        None, "folder of finished runs copied by `dopr archive` (a committed study's): a run found finished there, "
+              "with this experiment's settings, is not trained again, and the table and report read it from there; "
+              "a study outlives the loss of its run folders")
 
     @classmethod
     def from_file(cls, path: str) -> "ExperimentConfig":
@@ -241,26 +247,31 @@ def _run_missing(cfg: ExperimentConfig, out: Path, configurations: list[Configur
                 str(demos[task]))
             for task in cfg.tasks for policy in cfg.policies for config in configurations
             for seed in range(cfg.seed_offset, cfg.seed_offset + cfg.seeds)]
+    archived = {run.name: folder for run in runs if (folder := archived_run(cfg, run))}
+    if cfg.archive:
+        print(f"[experiment] {len(archived)} of {len(runs)} runs found finished in {cfg.archive}: not run again",
+              flush=True)
+    to_run = [run for run in runs if run.name not in archived]
     failed: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
-        if cfg.backend == "ray":  # Ray starts while the demonstrations are collected
+        if cfg.backend == "ray" and to_run:  # Ray starts while the demonstrations are collected
             from dopr.eval.experiment_ray import ray_starting, run_on_ray
 
-            ray_ready = stack.enter_context(ray_starting(cfg, len(runs)))
+            ray_ready = stack.enter_context(ray_starting(cfg, len(to_run)))
         # every task's demonstrations first (here, whatever the backend), then the runs, which only read them
-        for task in cfg.tasks:
+        for task in sorted({run.task for run in to_run}, key=cfg.tasks.index):
             print(f"[experiment] {task}: {cfg.demos} demonstrations -> {demos[task]}", flush=True)
             collect(CollectConfig(task=task, n_episodes=cfg.demos, out=str(demos[task]), workers=cfg.workers,
                                   seed=0, noise_std=cfg.demo_noise_std, progress=bars))
-        progress = RunProgress(len(runs), bars)
-        if cfg.backend == "ray":
-            failed = run_on_ray(cfg, ray_ready(), runs, progress)
-        else:
-            for run in runs:
+        progress = RunProgress(len(to_run), bars)
+        if cfg.backend == "ray" and to_run:
+            failed = run_on_ray(cfg, ray_ready(), to_run, progress)
+        elif to_run:
+            for run in to_run:
                 progress.finished(run.name, run_one(cfg, run, bars))
         progress.close()
 
-    run_dirs = [run.folder for run in runs]
+    run_dirs = [archived.get(run.name, run.folder) for run in runs]
     cells = cells_from_runs(run_dirs)
     report_md = build_report(run_dirs, str(out / "report"), cells=cells)
     table = comparison_table(cells)
@@ -273,6 +284,53 @@ def _run_missing(cfg: ExperimentConfig, out: Path, configurations: list[Configur
                            "; ".join(f"{name}: {why.rstrip('.')}" for name, why in failed.items()) +
                            ". Run the same command again to go on from their latest checkpoints")
     return table
+
+
+def train_config(cfg: ExperimentConfig, run: Run, resume: str | None = None, bars: bool = False) -> TrainConfig:
+    """The `dopr train` configuration of one run: the experiment's settings, the configuration's own over them."""
+    return TrainConfig(
+        data=run.demos, out=run.folder, policy=run.policy, optim=run.configuration.optim,
+        configuration=run.configuration.name, steps=cfg.steps[run.policy], seed=run.seed,
+        batch_size=cfg.batch_size, down_dims=cfg.down_dims, mlp_hidden_dim=cfg.mlp_hidden_dim,
+        mlp_layers=cfg.mlp_layers, mlp_layer_norm=cfg.mlp_layer_norm, norm_mode=cfg.norm_mode,
+        threads=cfg.threads, device=cfg.device,
+        # the configuration's own settings, else the experiment's flags of the same name
+        **{key: run.configuration.setting(key, getattr(cfg, key)) for key in SETTINGS},
+        val_every=cfg.eval_every, ckpt_every=cfg.eval_every,
+        eval_every=cfg.eval_every, eval_episodes=cfg.eval_episodes, eval_workers=cfg.workers,
+        eval_horizon=cfg.horizon, eval_videos=cfg.eval_videos, resume=resume, progress=bars,
+        # one wandb run per training run, grouped by the experiment folder's name
+        wandb=cfg.wandb, wandb_project=cfg.wandb_project, wandb_mode=cfg.wandb_mode,
+        wandb_group=Path(cfg.out).absolute().name,
+    )
+
+
+# What an archived run must share with the run it stands for: all that shapes its training and evaluation. Paths,
+# threads, device, logging and the number of evaluation workers may differ (they change speed, not results).
+RUN_DEFINING = ("policy", "optim", "configuration", "steps", "seed", "batch_size", "down_dims", "mlp_hidden_dim",
+                "mlp_layers", "mlp_layer_norm", "norm_mode", *SETTINGS, "val_every", "ckpt_every", "eval_every",
+                "eval_episodes", "eval_horizon")
+
+
+def archived_run(cfg: ExperimentConfig, run: Run) -> str | None:
+    """The folder of cfg.archive that holds `run` finished, else None (not there, or its evaluation incomplete).
+    A folder of the run's name trained with other settings is an error: it would be compared as this run."""
+    from dopr.eval.runs import is_run_folder, read_json, read_run_record
+
+    folder = os.path.join(cfg.archive, run.name) if cfg.archive else None
+    if folder is None or not is_run_folder(folder) or not read_run_record(folder).finished:
+        return None
+    archived, wanted = read_json(os.path.join(folder, "config.json")), asdict(train_config(cfg, run))
+    # a key this experiment leaves to training's default (None) is whatever training resolved it to
+    differ = [f"{key} {archived.get(key)!r} here, {wanted[key]!r} in this experiment" for key in RUN_DEFINING
+              if wanted[key] is not None and archived.get(key) != wanted[key]]
+    if os.path.basename(str(archived.get("data", ""))) != os.path.basename(run.demos):
+        differ.append(f"demonstrations {os.path.basename(str(archived.get('data')))!r} here, "
+                      f"{os.path.basename(run.demos)!r} in this experiment")
+    if differ:
+        raise ValueError(f"--archive: {folder}/config.json is not this experiment's run {run.name}: "
+                         + "; ".join(differ))
+    return folder
 
 
 def run_one(cfg: ExperimentConfig, run: Run, bars: bool = False) -> str:
@@ -303,21 +361,7 @@ def run_one(cfg: ExperimentConfig, run: Run, bars: bool = False) -> str:
     else:
         resume = "latest" if any(folder.glob("ckpt-*")) else None
         print(f"[experiment] {run.name}: {'resuming' if resume else 'training'}", flush=True)
-        train_cfg = TrainConfig(
-            data=run.demos, out=str(folder), policy=run.policy, optim=run.configuration.optim,
-            configuration=run.configuration.name, steps=cfg.steps[run.policy], seed=run.seed,
-            batch_size=cfg.batch_size, down_dims=cfg.down_dims, mlp_hidden_dim=cfg.mlp_hidden_dim,
-            mlp_layers=cfg.mlp_layers, mlp_layer_norm=cfg.mlp_layer_norm, norm_mode=cfg.norm_mode,
-            threads=cfg.threads, device=cfg.device,
-            # the configuration's own settings, else the experiment's flags of the same name
-            **{key: run.configuration.setting(key, getattr(cfg, key)) for key in SETTINGS},
-            val_every=cfg.eval_every, ckpt_every=cfg.eval_every,
-            eval_every=cfg.eval_every, eval_episodes=cfg.eval_episodes, eval_workers=cfg.workers,
-            eval_horizon=cfg.horizon, eval_videos=cfg.eval_videos, resume=resume, progress=bars,
-            # one wandb run per training run, grouped by the experiment folder's name
-            wandb=cfg.wandb, wandb_project=cfg.wandb_project, wandb_mode=cfg.wandb_mode,
-            wandb_group=Path(cfg.out).absolute().name,
-        )
+        train_cfg = train_config(cfg, run, resume, bars)
         trained = is_complete_checkpoint(final)  # every step done: training only finishes the final evaluation
         before = len(read_episodes(str(final / "eval"))) if (final / "eval" / EPISODES_FILE).exists() else 0
         train(train_cfg, checkpoint_evaluation(train_cfg))

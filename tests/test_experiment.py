@@ -94,6 +94,36 @@ def test_run_killed_just_before_its_final_checkpoint_is_finished_by_a_rerun(expe
     assert last["val_loss"] == json.loads(log[-1])["val_loss"]
 
 
+def test_runs_lost_with_the_machine_are_read_from_their_archive(experiment, tmp_path, capsys):
+    """A study whose run folders were lost (a new machine) and whose finished runs were archived (`dopr archive`, a
+    real process, no weights): a new experiment folder with --archive trains only the run the archive lacks, and
+    gives the table of the experiment that was never interrupted. An archived run of the same name with other
+    settings is refused, naming its config.json and the setting."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from dopr.eval.experiment import run_experiment
+
+    cfg, table = experiment
+    runs = sorted(os.listdir(os.path.join(cfg.out, "runs")))
+    kept = [os.path.join(cfg.out, "runs", run) for run in runs if run != "reacher-mlp-adamw_lr1e-3-s1"]
+    subprocess.run([sys.executable, "-m", "dopr", "archive", *kept, "--out", str(tmp_path / "archive")], check=True,
+                   capture_output=True)
+    assert not any(f.endswith(".safetensors") for _, _, files in os.walk(tmp_path / "archive") for f in files)
+    again = dataclasses.replace(cfg, out=str(tmp_path / "new"), demos_dir=os.path.join(cfg.out, "demos"),
+                                archive=str(tmp_path / "archive"))
+    assert run_experiment(again) == table
+    said = capsys.readouterr().out
+    assert f"3 of 4 runs found finished in {tmp_path / 'archive'}: not run again" in said
+    assert os.listdir(tmp_path / "new" / "runs") == ["reacher-mlp-adamw_lr1e-3-s1"]
+    assert "reacher-mlp-adamw_lr1e-3-s1: trained and evaluated" in said
+
+    with pytest.raises(ValueError, match=r"archive/reacher-mlp-[^ ]*-s0/config.json is not this experiment's run .*"
+                                         r"eval_episodes 3 here, 4 in this experiment"):
+        run_experiment(dataclasses.replace(again, out=str(tmp_path / "other"), eval_episodes=4))
+
+
 def test_every_policy_has_training_steps(tmp_path):
     from dopr.eval.experiment import ExperimentConfig, run_experiment
     from dopr.policies.config import POLICY_KINDS

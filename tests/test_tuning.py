@@ -194,3 +194,17 @@ def test_stage0_rule_stops_where_the_protocol_says_nothing_more(verdicts, why):
     run_study = _run_study()
     action, text = run_study.stage0_next(verdicts)
     assert action == "stop" and text.startswith(why)
+
+
+def test_study_driver_reads_the_committed_archives_after_a_lost_machine():
+    """What a new machine starts from: the committed archives. Humanoid's tuning stages are done there (so they are
+    not run again, and the selection they give is the committed humanoid.toml's); its reporting stage is not."""
+    import tomllib
+
+    run_study = _run_study()
+    humanoid = run_study.STUDIES["humanoid"]
+    assert run_study.stage_done(humanoid, "stage1-tune") and run_study.stage_done(humanoid, "stage1-extend")
+    assert not run_study.stage_done(humanoid, "report")
+    assert not run_study.stage_done(run_study.STUDIES["walker2d"], "stage1-tune")  # not written yet
+    _, extensions, final = run_study.selection([humanoid.archive("stage1-tune"), humanoid.archive("stage1-extend")])
+    assert extensions == [] and final == tomllib.load(open(humanoid.config("report"), "rb"))["optims"]

@@ -42,6 +42,7 @@ sys.path.insert(0, HERE)
 from select_tuned import ALTERNATIVE, DOPR_DEFAULT, GRID, lr_text, selection  # noqa: E402 -- the committed rule
 
 ARCHIVE_EVERY_S = 600
+POLL_S = 30  # for another process's end
 COUNTS = (5, 10, 25, 50)  # stage 0's demonstration counts, in the order run
 BETWEEN = {(5, 10): 7, (10, 25): 15, (25, 50): 35}  # the count added where two neighbours jump over the band
 BAND = (0.2, 0.8)  # of the expert's return on the evaluation episodes
@@ -62,6 +63,9 @@ class Study:
 
     def archive(self, stage: str) -> str:
         return os.path.join(HERE, "archive", f"{self.prefix}{stage}")
+
+    def expert_record(self) -> str:
+        return os.path.join(HERE, f"{self.prefix}expert")
 
 
 STUDIES = {"humanoid": Study("humanoid", "", ("adamw", "muon", "signum", "adamuon"), 5000),
@@ -106,10 +110,14 @@ def archive(study: Study, stage: str, enabled: bool) -> None:
 
 def wait_for_other(pattern: str, what: str, meanwhile=lambda: None) -> None:
     """Wait while another process started by hand does this stage's work (it holds the folder's lock)."""
+    waited = 0
     while subprocess.run(["pgrep", "-f", pattern], capture_output=True).returncode == 0:
-        say(f"another process runs {what}: waiting for it to end")
-        time.sleep(ARCHIVE_EVERY_S)
-        meanwhile()
+        if waited % ARCHIVE_EVERY_S == 0:
+            say(f"another process runs {what}: waiting for it to end")
+        time.sleep(POLL_S)  # polled often, so that the study goes on soon after
+        waited += POLL_S
+        if waited % ARCHIVE_EVERY_S == 0:
+            meanwhile()
 
 
 def run_stage(study: Study, stage: str, commit_archive: bool) -> None:
@@ -121,8 +129,10 @@ def run_stage(study: Study, stage: str, commit_archive: bool) -> None:
     log = open(os.path.join(ROOT, "out", study.task, f"{stage}.log"), "a")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two runs, one core each (the 2-core machine)
     say(f"{study.task} {stage}: dopr experiment --config {os.path.relpath(config, ROOT)} (log {log.name})")
+    # --archive: the runs already archived (committed) are not run again, e.g. after the machine was lost
     proc = subprocess.Popen(["dopr", "experiment", "--config", config, "--backend", "ray", "--max-parallel", "2",
-                             "--workers", "1"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+                             "--workers", "1", "--archive", study.archive(stage)], cwd=ROOT, env=env, stdout=log,
+                            stderr=subprocess.STDOUT)
     while True:
         try:
             rc = proc.wait(timeout=ARCHIVE_EVERY_S)
@@ -169,19 +179,57 @@ def write_once(path: str, text: str, enabled: bool) -> None:
            enabled)
 
 
+def sha256(path: str) -> str:
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def train_expert(study: Study, enabled: bool) -> str:
+    """Train (or resume) the expert to its goal; returns its folder. The first expert's actor is recorded by its
+    sha256 (record/actor.sha256, `sha256sum -c` format); an expert trained again (the machine lost) must be that
+    actor bit for bit, since every archived run learned from its demonstrations: else the driver stops."""
+    expert = os.path.join(ROOT, "out", "experts", study.task)
+    wait_for_other(f"dopr expert train --task {study.task}", f"{study.task}'s expert training")
+    say(f"{study.task} expert: training (or resuming) to mean return >= {study.stop_at_return:.0f}")
+    os.makedirs(os.path.dirname(expert), exist_ok=True)
+    with open(os.path.join(ROOT, "out", "experts", f"{study.task}.log"), "a") as log:
+        subprocess.run(["dopr", "expert", "train", "--task", study.task, "--steps", "1000000", "--stop-at-return",
+                        str(study.stop_at_return), "--threads", "2", "--out", expert], cwd=ROOT, check=True,
+                       stdout=log, stderr=subprocess.STDOUT)
+    actual = sha256(os.path.join(expert, "actor.safetensors"))
+    recorded = os.path.join(study.expert_record(), "actor.sha256")
+    if not os.path.exists(recorded):
+        os.makedirs(study.expert_record(), exist_ok=True)
+        with open(recorded, "w") as f:
+            f.write(f"{actual}  actor.safetensors\n")
+        commit(recorded, f"{study.task} expert: its actor's sha256", enabled)
+    elif open(recorded).read().split()[0] != actual:
+        raise SystemExit(f"[study] {study.task} expert: the actor trained now (sha256 {actual}) is not the recorded "
+                         f"one ({recorded}); the archived runs learned from the recorded one's demonstrations. "
+                         "Stopped for a decision to be written in PROTOCOL.md.")
+    else:
+        say(f"{study.task} expert: the recorded actor, bit for bit (sha256 {actual[:12]}...)")
+    return expert
+
+
+def stage_done(study: Study, stage: str) -> bool:
+    """Whether the stage's config is written and its archive holds every one of its runs, finished."""
+    if not os.path.exists(study.config(stage)):
+        return False
+    cfg = tomllib.load(open(study.config(stage), "rb"))
+    runs = len(cfg["tasks"]) * len(cfg["policies"]) * len(cfg["optims"]) * cfg["seeds"]
+    return len(glob.glob(os.path.join(study.archive(stage), "*", "config.json"))) >= runs
+
+
 def expert_and_stage0(study: Study, enabled: bool) -> str:
     """Train (or resume) the expert to its goal, measure it, run stage 0; returns the chosen count's config."""
     from dopr.envs.measure_experts import measure_success
     from dopr.eval.comparison import cells_from_runs
 
-    expert = os.path.join(ROOT, "out", "experts", study.task)
-    wait_for_other(f"dopr expert train --task {study.task}", f"{study.task}'s expert training")
-    say(f"{study.task} expert: training (or resuming) to mean return >= {study.stop_at_return:.0f}")
-    with open(os.path.join(ROOT, "out", "experts", f"{study.task}.log"), "a") as log:
-        subprocess.run(["dopr", "expert", "train", "--task", study.task, "--steps", "1000000", "--stop-at-return",
-                        str(study.stop_at_return), "--threads", "2", "--out", expert], cwd=ROOT, check=True,
-                       stdout=log, stderr=subprocess.STDOUT)
-    record = os.path.join(HERE, f"{study.prefix}expert")
+    expert = train_expert(study, enabled)
+    record = study.expert_record()
     measured_path = os.path.join(record, "measured-50-episodes.json")
     if not os.path.exists(measured_path):
         say(f"{study.task} expert: measuring it on the 50 evaluation episodes (seeds 100000-100049)")
@@ -214,7 +262,7 @@ def expert_and_stage0(study: Study, enabled: bool) -> str:
             write_once(study.config(stage), derived_config(study.config("stage0-demos5"), header, demos=n,
                                                            out=study.out(stage)), enabled)
         run_stage(study, stage, enabled)
-        cells = cells_from_runs(sorted(glob.glob(os.path.join(ROOT, study.out(stage), "runs", "*"))))
+        cells = cells_from_runs(sorted(glob.glob(os.path.join(study.archive(stage), "*"))))
         best = max(sum(c.values()) / len(c.values()) for c in cells)
         verdicts[n] = "in" if low <= best <= high else ("below" if best < low else "above")
         say(f"{study.task} stage 0, {n} demonstrations: better AdamW {best:.0f} ({best / expert_return:.0%} of the "
@@ -249,10 +297,12 @@ def tuning_optims(study: Study) -> list[str]:
 
 
 def tune_and_report(study: Study, enabled: bool) -> None:
+    if not stage_done(study, "report"):  # the expert's demonstrations are collected for any run still to do
+        train_expert(study, enabled)
     run_stage(study, "stage1-tune", enabled)
     while True:
-        stages = [os.path.join(ROOT, study.out(s)) for s in ("stage1-tune", "stage1-extend")
-                  if os.path.isdir(os.path.join(ROOT, study.out(s)))]
+        # the archives hold every finished run (run_stage archives when the stage ends), whatever the machine kept
+        stages = [study.archive(s) for s in ("stage1-tune", "stage1-extend") if os.path.isdir(study.archive(s))]
         text, extensions, final = selection(stages)
         print(text, flush=True)
         if final is not None:
