@@ -54,6 +54,9 @@ class Study:
     prefix: str  # of its config files and archives: "" for Humanoid, "walker2d-" for Walker2d
     bases: tuple[str, ...]  # the base optimizers tuned and reported, each with its DoPr arm
     stop_at_return: float  # the expert's goal (with every evaluation episode at the horizon)
+    # where the recorded expert's training was stopped and resumed: a resume starts a new episode, so a retraining
+    # repeats the recorded actor only if it stops at the same steps (Humanoid's, session 10: at 40k)
+    expert_resumed_at: tuple[int, ...] = ()
 
     def config(self, stage: str) -> str:
         return os.path.join(HERE, f"{self.task}.toml" if stage == "report" else f"{self.prefix}{stage}.toml")
@@ -68,7 +71,7 @@ class Study:
         return os.path.join(HERE, f"{self.prefix}expert")
 
 
-STUDIES = {"humanoid": Study("humanoid", "", ("adamw", "muon", "signum", "adamuon"), 5000),
+STUDIES = {"humanoid": Study("humanoid", "", ("adamw", "muon", "signum", "adamuon"), 5000, (40000,)),
            "walker2d": Study("walker2d", "walker2d-", ("adamw",), 4000)}
 
 
@@ -194,10 +197,15 @@ def train_expert(study: Study, enabled: bool) -> str:
     wait_for_other(f"dopr expert train --task {study.task}", f"{study.task}'s expert training")
     say(f"{study.task} expert: training (or resuming) to mean return >= {study.stop_at_return:.0f}")
     os.makedirs(os.path.dirname(expert), exist_ok=True)
+    trained = len(open(os.path.join(expert, "metrics.jsonl")).readlines()) if os.path.exists(
+        os.path.join(expert, "metrics.jsonl")) else 0
+    # the recorded run's stops first (each evaluation is one line of metrics.jsonl, every 20k steps), then to the goal
+    stops = [s for s in study.expert_resumed_at if s > trained * 20000] + [1000000]
     with open(os.path.join(ROOT, "out", "experts", f"{study.task}.log"), "a") as log:
-        subprocess.run(["dopr", "expert", "train", "--task", study.task, "--steps", "1000000", "--stop-at-return",
-                        str(study.stop_at_return), "--threads", "2", "--out", expert], cwd=ROOT, check=True,
-                       stdout=log, stderr=subprocess.STDOUT)
+        for steps in stops:
+            subprocess.run(["dopr", "expert", "train", "--task", study.task, "--steps", str(steps),
+                            "--stop-at-return", str(study.stop_at_return), "--threads", "2", "--out", expert],
+                           cwd=ROOT, check=True, stdout=log, stderr=subprocess.STDOUT)
     actual = sha256(os.path.join(expert, "actor.safetensors"))
     recorded = os.path.join(study.expert_record(), "actor.sha256")
     if not os.path.exists(recorded):
