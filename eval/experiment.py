@@ -227,10 +227,20 @@ def run_experiment(cfg: ExperimentConfig) -> str:
     out = Path(cfg.out).absolute()
     # one writer per study: a second `dopr experiment` on this folder would train the same runs at the same time
     with FolderLock.acquire(out, "dopr experiment"):
-        return _run_missing(cfg, out, configurations, bars)
+        return _run_missing(cfg, out, bars)
 
 
-def _run_missing(cfg: ExperimentConfig, out: Path, configurations: list[Configuration], bars: bool) -> str:
+def planned_runs(cfg: ExperimentConfig) -> list[Run]:
+    """Every run the experiment is made of (task x policy x configuration x seed), finished or not."""
+    out = Path(cfg.out).absolute()
+    demos = Path(cfg.demos_dir or out / "demos").absolute()
+    return [Run(task, policy, config, seed, str(out / "runs" / f"{task}-{policy}-{config.slug}-s{seed}"),
+                str(demos / f"{task}-{cfg.demos}.zarr"))
+            for task in cfg.tasks for policy in cfg.policies for config in map(Configuration.parse, cfg.optims)
+            for seed in range(cfg.seed_offset, cfg.seed_offset + cfg.seeds)]
+
+
+def _run_missing(cfg: ExperimentConfig, out: Path, bars: bool) -> str:
     import contextlib
     import time
 
@@ -242,11 +252,7 @@ def _run_missing(cfg: ExperimentConfig, out: Path, configurations: list[Configur
     (out / "experiment.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     started = time.time()
 
-    demos = {task: Path(cfg.demos_dir or out / "demos").absolute() / f"{task}-{cfg.demos}.zarr" for task in cfg.tasks}
-    runs = [Run(task, policy, config, seed, str(out / "runs" / f"{task}-{policy}-{config.slug}-s{seed}"),
-                str(demos[task]))
-            for task in cfg.tasks for policy in cfg.policies for config in configurations
-            for seed in range(cfg.seed_offset, cfg.seed_offset + cfg.seeds)]
+    runs = planned_runs(cfg)
     archived = {run.name: folder for run in runs if (folder := archived_run(cfg, run))}
     if cfg.archive:
         print(f"[experiment] {len(archived)} of {len(runs)} runs found finished in {cfg.archive}: not run again",
@@ -259,14 +265,14 @@ def _run_missing(cfg: ExperimentConfig, out: Path, configurations: list[Configur
 
             ray_ready = stack.enter_context(ray_starting(cfg, len(to_run)))
         # every task's demonstrations first (here, whatever the backend), then the runs, which only read them
-        for task in sorted({run.task for run in to_run}, key=cfg.tasks.index):
-            print(f"[experiment] {task}: {cfg.demos} demonstrations -> {demos[task]}", flush=True)
-            collect(CollectConfig(task=task, n_episodes=cfg.demos, out=str(demos[task]), workers=cfg.workers,
+        for task, store in {run.task: run.demos for run in to_run}.items():
+            print(f"[experiment] {task}: {cfg.demos} demonstrations -> {store}", flush=True)
+            collect(CollectConfig(task=task, n_episodes=cfg.demos, out=store, workers=cfg.workers,
                                   seed=0, noise_std=cfg.demo_noise_std, progress=bars))
         progress = RunProgress(len(to_run), bars)
         if cfg.backend == "ray" and to_run:
             failed = run_on_ray(cfg, ray_ready(), to_run, progress)
-        elif to_run:
+        else:
             for run in to_run:
                 progress.finished(run.name, run_one(cfg, run, bars))
         progress.close()

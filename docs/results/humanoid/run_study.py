@@ -196,11 +196,12 @@ def train_expert(study: Study, enabled: bool) -> str:
     expert = os.path.join(ROOT, "out", "experts", study.task)
     wait_for_other(f"dopr expert train --task {study.task}", f"{study.task}'s expert training")
     say(f"{study.task} expert: training (or resuming) to mean return >= {study.stop_at_return:.0f}")
+    from dopr.envs.sac_trainer import read_metrics
+
     os.makedirs(os.path.dirname(expert), exist_ok=True)
-    trained = len(open(os.path.join(expert, "metrics.jsonl")).readlines()) if os.path.exists(
-        os.path.join(expert, "metrics.jsonl")) else 0
-    # the recorded run's stops first (each evaluation is one line of metrics.jsonl, every 20k steps), then to the goal
-    stops = [s for s in study.expert_resumed_at if s > trained * 20000] + [1000000]
+    rows = read_metrics(expert)
+    trained = rows[-1]["env_steps"] if rows else 0
+    stops = [s for s in study.expert_resumed_at if s > trained] + [1000000]  # the recorded run's stops, then the goal
     with open(os.path.join(ROOT, "out", "experts", f"{study.task}.log"), "a") as log:
         for steps in stops:
             subprocess.run(["dopr", "expert", "train", "--task", study.task, "--steps", str(steps),
@@ -223,12 +224,15 @@ def train_expert(study: Study, enabled: bool) -> str:
 
 
 def stage_done(study: Study, stage: str) -> bool:
-    """Whether the stage's config is written and its archive holds every one of its runs, finished."""
+    """Whether the stage's config is written and its archive holds every one of its runs, finished (as `dopr
+    experiment --archive` finds them)."""
+    from dopr.eval.experiment import ExperimentConfig, archived_run, planned_runs
+
     if not os.path.exists(study.config(stage)):
         return False
-    cfg = tomllib.load(open(study.config(stage), "rb"))
-    runs = len(cfg["tasks"]) * len(cfg["policies"]) * len(cfg["optims"]) * cfg["seeds"]
-    return len(glob.glob(os.path.join(study.archive(stage), "*", "config.json"))) >= runs
+    cfg = ExperimentConfig.from_file(study.config(stage))
+    cfg.archive = study.archive(stage)
+    return all(archived_run(cfg, run) for run in planned_runs(cfg))
 
 
 def expert_and_stage0(study: Study, enabled: bool) -> str:
