@@ -196,15 +196,23 @@ def test_stage0_rule_stops_where_the_protocol_says_nothing_more(verdicts, why):
     assert action == "stop" and text.startswith(why)
 
 
-def test_study_driver_reads_the_committed_archives_after_a_lost_machine():
-    """What a new machine starts from: the committed archives. Humanoid's tuning stages are done there (so they are
-    not run again, and the selection they give is the committed humanoid.toml's); its reporting stage is not."""
+def test_study_driver_reads_the_committed_archives_after_a_lost_machine(tmp_path, monkeypatch):
+    """What a new machine starts from: the committed archives. Humanoid's stages are all done there (so none is run
+    again, and the selection they give is the committed humanoid.toml's); a stage missing one archived run is not."""
+    import shutil
     import tomllib
 
     run_study = _run_study()
     humanoid = run_study.STUDIES["humanoid"]
-    assert run_study.stage_done(humanoid, "stage1-tune") and run_study.stage_done(humanoid, "stage1-extend")
-    assert not run_study.stage_done(humanoid, "report")
-    assert not run_study.stage_done(run_study.STUDIES["walker2d"], "stage1-tune")  # not written yet
+    for stage in ("stage1-tune", "stage1-extend", "report"):
+        assert run_study.stage_done(humanoid, stage), stage
+    runs = sorted(os.listdir(humanoid.archive("report")))
+    shutil.copy(humanoid.config("report"), tmp_path / "humanoid.toml")
+    top = humanoid.archive("report")
+    shutil.copytree(top, tmp_path / "archive" / "report",
+                    ignore=lambda folder, names: [runs[-1]] if os.path.samefile(folder, top) else [])
+    monkeypatch.setattr(run_study, "HERE", str(tmp_path))
+    assert not run_study.stage_done(humanoid, "report")  # the one run lost is run again
+    monkeypatch.undo()
     _, extensions, final = run_study.selection([humanoid.archive("stage1-tune"), humanoid.archive("stage1-extend")])
     assert extensions == [] and final == tomllib.load(open(humanoid.config("report"), "rb"))["optims"]
