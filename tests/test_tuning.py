@@ -206,9 +206,9 @@ def test_study_driver_reads_the_committed_archives_after_a_lost_machine(tmp_path
     humanoid = run_study.STUDIES["humanoid"]
     for stage in ("stage1-tune", "stage1-extend", "report"):
         assert run_study.stage_done(humanoid, stage), stage
-    runs = sorted(os.listdir(humanoid.archive("report")))
-    shutil.copy(humanoid.config("report"), tmp_path / "humanoid.toml")
     top = humanoid.archive("report")
+    runs = sorted(name for name in os.listdir(top) if os.path.isdir(os.path.join(top, name)))
+    shutil.copy(humanoid.config("report"), tmp_path / "humanoid.toml")
     shutil.copytree(top, tmp_path / "archive" / "report",
                     ignore=lambda folder, names: [runs[-1]] if os.path.samefile(folder, top) else [])
     monkeypatch.setattr(run_study, "HERE", str(tmp_path))
