@@ -325,8 +325,11 @@ def tune_and_report(study: Study, enabled: bool) -> None:
         extend = study.config("stage1-extend")
         before = tomllib.load(open(extend, "rb"))["optims"] if os.path.exists(extend) else []
         if set(extensions) <= set(before):
-            raise SystemExit(f"[study] the rule asks again for {extensions}, already in {os.path.basename(extend)}: "
-                             "their runs did not finish; run the stage again.")
+            if not stage_done(study, "stage1-extend"):  # interrupted after the file was written: run it again
+                run_stage(study, "stage1-extend", enabled)
+                continue
+            raise SystemExit(f"[study] the rule asks again for {extensions}, already in {os.path.basename(extend)}, "
+                             "whose runs all finished: a run failed? See its log.")
         header = (f"Grid extensions of {study.task}'s stage 1 (PROTOCOL.md, amendment 1 and the session-9 note), "
                   "written by\nrun_study.py from select_tuned.py's output on the tuning runs, before any of these "
                   "runs; each round of the rule\nadds its extensions. Every key but optims and out is "
