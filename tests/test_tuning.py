@@ -216,3 +216,31 @@ def test_study_driver_reads_the_committed_archives_after_a_lost_machine(tmp_path
     monkeypatch.undo()
     _, extensions, final = run_study.selection([humanoid.archive("stage1-tune"), humanoid.archive("stage1-extend")])
     assert extensions == [] and final == tomllib.load(open(humanoid.config("report"), "rb"))["optims"]
+
+
+def test_study_driver_runs_an_extension_written_before_an_interruption(tmp_path, monkeypatch):
+    """A machine stopped after the rule wrote (and committed) the extension config but before its runs finished: the
+    resumed driver runs that stage, it does not stop asking for a stage it could run itself."""
+    import shutil
+
+    run_study = _run_study()
+    walker = run_study.STUDIES["walker2d"]
+    for stage in ("stage1-tune", "stage1-extend"):
+        shutil.copy(walker.config(stage), tmp_path)
+    shutil.copytree(walker.archive("stage1-tune"), tmp_path / "archive" / "walker2d-stage1-tune")
+    monkeypatch.setattr(run_study, "HERE", str(tmp_path))
+    monkeypatch.setattr(run_study, "train_expert", lambda study, enabled: None)
+    ran = []
+
+    class Interrupted(Exception):
+        pass
+
+    def run_stage(study, stage, commit_archive):
+        ran.append(stage)
+        if stage != "stage1-tune":
+            raise Interrupted  # its runs are what the real stage would do; the test stops here
+
+    monkeypatch.setattr(run_study, "run_stage", run_stage)
+    with pytest.raises(Interrupted):
+        run_study.tune_and_report(walker, False)
+    assert ran == ["stage1-tune", "stage1-extend"]
