@@ -338,14 +338,14 @@ def _metric_vs_loss(ax, rows: list[CheckpointRow], optimizers: list[str], colors
 def _paired_figure(plt, compared: list[tuple], metric: str, out_dir: str, name: str) -> str:
     """Each (task, policy, checkpoint, PairedComparison): the training seeds' paired differences (dots) and the
     mean with its 95% t interval (bar; red when it excludes 0)."""
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.6 * len(compared)))
+    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.8 * len(compared)))
     for i, (_, _, _, p) in enumerate(compared):
         y = len(compared) - 1 - i
         ax.scatter(p.diffs, [y + 0.18] * len(p.diffs), s=12, color="0.55", alpha=0.7, zorder=2)
         ax.errorbar([p.diff], [y], xerr=[[p.diff - p.ci_low], [p.ci_high - p.diff]] if p.n_seeds > 1 else None,
                     fmt="o", color="C3" if p.ci_low > 0 or p.ci_high < 0 else "k", capsize=3, zorder=3)
     ax.set_yticks(range(len(compared)))
-    ax.set_yticklabels([f"{task} {policy}, {p.n_seeds} seeds, {checkpoint}\n{p.treatment} - {p.baseline}"
+    ax.set_yticklabels([f"{task} {policy}, {p.n_seeds} seeds, {checkpoint}\n{p.treatment}\nminus {p.baseline}"
                         for task, policy, checkpoint, p in reversed(compared)], fontsize=7)
     ax.axvline(0, color="0.3", lw=0.8)
     what = "success-rate" if metric == "success" else "mean-return"
@@ -392,7 +392,7 @@ def _compounding_figure(plt, curves: list[dict], colors: dict, out_dir: str) -> 
 def _save(fig, out_dir: str, name: str) -> str:
     fig.tight_layout()
     with atomic_path(os.path.join(out_dir, name)) as tmp:  # the temporary name keeps ".png"
-        fig.savefig(tmp, dpi=110)
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")  # long tick labels (an optimizer's full spec) stay whole
     return name
 
 
