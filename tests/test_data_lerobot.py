@@ -1,10 +1,12 @@
-"""LeRobotDataset v3.0 in and out: a dataset lerobot 0.4.4 wrote (tests/data/lerobot_v30_tiny), round
-trips store -> LeRobot -> store, v2.1 folders, and the errors a user gets for broken datasets."""
+"""LeRobotDataset v3.0 in and out: a dataset lerobot 0.4.4 wrote (tests/data/lerobot_v30_tiny: its parquet and
+metadata; its mp4 is encoded here, as lerobot encodes, from the same frames), round trips store -> LeRobot -> store,
+v2.1 folders, and the errors a user gets for broken datasets."""
 
 import json
 import shutil
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -16,39 +18,33 @@ pytest.importorskip("av", reason='LeRobot datasets need the extra: pip install -
 from dopr.data import EpisodeStore, EpisodeStoreError  # noqa: E402
 from dopr.data.lerobot_export import export_lerobot  # noqa: E402
 from dopr.data.lerobot_import import import_lerobot  # noqa: E402
-from dopr.data.lerobot_video import VideoWriter  # noqa: E402
+from dopr.data.lerobot_video import VideoWriter, video_info  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "data" / "lerobot_v30_tiny"
 
 
-def _fixture_source() -> dict:
-    """What the fixtures' maker handed to lerobot (tests/data/lerobot_fixture_source.py, loaded by path: tests/data
-    is not a package, and the maker imports the same file beside it)."""
+def _source_module():
+    """tests/data/lerobot_fixture_source.py, what the fixtures' maker handed to lerobot (loaded by path: tests/data is
+    not a package, and the maker imports the same file beside it)."""
     import importlib.util
 
     path = FIXTURE.parent / "lerobot_fixture_source.py"
     spec = importlib.util.spec_from_file_location("lerobot_fixture_source", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.source()
+    return module
 
 
-SOURCE = _fixture_source()
+SOURCE = _source_module().source()
+VIDEO = "videos/observation.images.front/chunk-000/file-000.mp4"
 # mean absolute error per pixel that crf 30 (lerobot's setting) stays under on these smooth 32x32 frames
 # (measured: AV1 2.3-2.4, H.264 4.2)
 CODEC_MEAN_ERROR = 6.0
 
 
-def frames(first: int, n: int, size: int = 32) -> np.ndarray:
-    """Smooth frames with a bright square that moves with the frame number, so frames are told apart."""
-    y, x = np.mgrid[0:size, 0:size] / size
-    out = np.empty((n, size, size, 3), np.uint8)
-    for i, k in enumerate(range(first, first + n)):
-        img = np.stack([60 + 120 * x, 60 + 120 * y, 90 + 30 * (x + y)], -1)
-        cx, cy = (3 + 2 * k) % (size - 8), (5 + 3 * k) % (size - 8)
-        img[cy:cy + 8, cx:cx + 8] = 230
-        out[i] = img
-    return out
+def frames(first: int, n: int) -> np.ndarray:
+    """The fixture source's frames first .. first + n - 1: a bright square that moves, so frames are told apart."""
+    return np.stack([_source_module().frame(k) for k in range(first, first + n)])
 
 
 def assert_frames_match(decoded: np.ndarray, original: np.ndarray) -> None:
@@ -83,8 +79,60 @@ def store(tmp_path_factory):
     return make_store(tmp_path_factory.mktemp("lerobot") / "demos.zarr")
 
 
-def test_imports_the_dataset_lerobot_wrote(tmp_path):
-    out = import_lerobot(FIXTURE, tmp_path / "fx.zarr", progress=False)
+@pytest.fixture(scope="module")
+def lerobot_v30(tmp_path_factory):
+    """tests/data/lerobot_v30_tiny with its mp4, which is not tracked: encoded as lerobot 0.4.4 encodes, each episode
+    into its own file with lerobot's encoder settings (VideoWriter) and the files' packets joined in time (its
+    concatenation), so every episode starts on a key frame as in the file lerobot wrote; what lerobot recorded of
+    that file (meta/info.json) must describe this one."""
+    import av
+
+    root = tmp_path_factory.mktemp("lerobot") / "lerobot_v30_tiny"
+    shutil.copytree(FIXTURE, root)
+    parts, first = [], 0
+    for i, n in enumerate(SOURCE["lengths"]):
+        writer = VideoWriter(root / f"episode-{i}.mp4", 10)
+        writer.write(SOURCE["images"][first:first + n])
+        writer.close()
+        parts.append(av.open(str(writer.path)))
+        first += n
+    (root / VIDEO).parent.mkdir(parents=True)
+    with av.open(str(root / VIDEO), "w") as out:
+        stream = out.add_stream_from_template(parts[0].streams.video[0], opaque=True)
+        start = 0
+        for part in parts:
+            end = start
+            for packet in part.demux(part.streams.video[0]):
+                if packet.dts is None:  # the demuxer's empty end-of-stream packet
+                    continue
+                packet.pts, packet.dts = packet.pts + start, packet.dts + start
+                end = max(end, packet.pts + packet.duration)
+                packet.stream = stream
+                out.mux(packet)
+            start = end
+    for part in parts:
+        part.close()
+        Path(part.name).unlink()
+    recorded = json.loads((root / "meta/info.json").read_text())["features"]["observation.images.front"]["info"]
+    assert video_info(root / VIDEO) == recorded
+    return root
+
+
+def test_the_encoded_video_is_laid_out_as_lerobot_writes_it(lerobot_v30):
+    """Frames at k / 10 s in lerobot's time base, a key frame every 2 frames restarting at each episode's first."""
+    import av
+
+    with av.open(str(lerobot_v30 / VIDEO)) as container:
+        stream = container.streams.video[0]
+        assert stream.time_base == Fraction(1, 10240)
+        decoded = [(round(frame.time, 6), frame.key_frame) for frame in container.decode(stream)]
+    starts = np.concatenate([[0], np.cumsum(SOURCE["lengths"])[:-1]])
+    key = [(k - starts[starts <= k].max()) % 2 == 0 for k in range(int(SOURCE["lengths"].sum()))]
+    assert decoded == [(round(k / 10, 6), key[k]) for k in range(len(key))]
+
+
+def test_imports_the_dataset_lerobot_wrote(lerobot_v30, tmp_path):
+    out = import_lerobot(lerobot_v30, tmp_path / "fx.zarr", progress=False)
     np.testing.assert_array_equal(out.episode_ends, np.cumsum(SOURCE["lengths"]))
     assert out.keys == ["action", "observation.images.front", "observation.state", "task_index"]
     np.testing.assert_array_equal(out.array("observation.state")[:], SOURCE["state"])
@@ -213,9 +261,9 @@ def test_imports_v21(store, tmp_path):
 
 # ------------------------------------------------------------------------------------------- errors
 @pytest.fixture
-def broken(tmp_path):
+def broken(lerobot_v30, tmp_path):
     root = tmp_path / "broken"
-    shutil.copytree(FIXTURE, root)
+    shutil.copytree(lerobot_v30, root)
     return root
 
 
@@ -236,13 +284,13 @@ def test_missing_files_are_named(broken, tmp_path):
 
 
 def test_missing_video_is_named(broken, tmp_path):
-    (broken / "videos/observation.images.front/chunk-000/file-000.mp4").unlink()
+    (broken / VIDEO).unlink()
     with pytest.raises(EpisodeStoreError, match="file-000.mp4: video file of 'observation.images.front' not found"):
         import_lerobot(broken, tmp_path / "x.zarr", progress=False)
 
 
 def test_frame_count_that_disagrees_with_the_rows(broken, tmp_path):
-    writer = VideoWriter(broken / "videos/observation.images.front/chunk-000/file-000.mp4", 10)
+    writer = VideoWriter(broken / VIDEO, 10)
     writer.write(SOURCE["images"][:-1])  # the last episode loses its last frame
     writer.close()
     with pytest.raises(EpisodeStoreError, match=r"'observation.images.front' has 3 frames between 1.200000 s and "
@@ -266,13 +314,13 @@ def test_unknown_dtype_is_named(broken, tmp_path):
         import_lerobot(broken, tmp_path / "x.zarr", progress=False)
 
 
-def test_a_codec_the_decoder_lacks(tmp_path, monkeypatch):
+def test_a_codec_the_decoder_lacks(lerobot_v30, tmp_path, monkeypatch):
     import av
 
     monkeypatch.setattr(av, "codecs_available", av.codecs_available - {"libdav1d", "av1", "libaom-av1"})
     with pytest.raises(EpisodeStoreError, match="video of 'observation.images.front' is .*which this PyAV build "
                        "cannot decode"):
-        import_lerobot(FIXTURE, tmp_path / "x.zarr", progress=False)
+        import_lerobot(lerobot_v30, tmp_path / "x.zarr", progress=False)
 
 
 def test_missing_extra_names_the_install_command(monkeypatch):
@@ -298,13 +346,13 @@ def test_command_line(store, tmp_path, broken):
     assert "meta/info.json: missing 'fps'" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_the_dataset_lerobot_wrote_trains_with_dopr_train(tmp_path):
+def test_the_dataset_lerobot_wrote_trains_with_dopr_train(lerobot_v30, tmp_path):
     """Imported keys keep LeRobot's names (observation.state, observation.images.front) and train as they are."""
     import torch
 
     from dopr.policies import load_policy
 
-    store = import_lerobot(FIXTURE, tmp_path / "fx.zarr", progress=False)
+    store = import_lerobot(lerobot_v30, tmp_path / "fx.zarr", progress=False)
     done = subprocess.run([sys.executable, "-m", "dopr", "train", "--data", str(store.path),
                            "--out", str(tmp_path / "run"), "--optim", "adamw", "--steps", "4", "--batch-size", "4",
                            "--n-obs-steps", "2", "--horizon", "4", "--n-action-steps", "2", "--threads", "1",

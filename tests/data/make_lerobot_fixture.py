@@ -8,6 +8,7 @@
 task strings; lerobot's defaults otherwise (AV1 video, several episodes per mp4 and per parquet).
 With --images the camera is an ``image`` feature instead (PNG bytes inside the parquet, no video).
 The frames and values it is given come from lerobot_fixture_source.py (numpy only), which the tests call to compare.
+The mp4 it writes is git-ignored: the tests encode it again from those frames (lerobot_v30_tiny/README.md).
 """
 
 import shutil
