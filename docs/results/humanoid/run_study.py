@@ -312,6 +312,8 @@ def tune_and_report(study: Study, enabled: bool) -> None:
     if not stage_done(study, "report"):  # the expert's demonstrations are collected for any run still to do
         train_expert(study, enabled)
     run_stage(study, "stage1-tune", enabled)
+    if os.path.exists(study.config("stage1-extend")):  # written before an interruption: its runs finish first
+        run_stage(study, "stage1-extend", enabled)
     while True:
         # the archives hold every finished run (run_stage archives when the stage ends), whatever the machine kept
         stages = [study.archive(s) for s in ("stage1-tune", "stage1-extend") if os.path.isdir(study.archive(s))]
@@ -324,10 +326,7 @@ def tune_and_report(study: Study, enabled: bool) -> None:
                              "Run the stage again (finished runs are reused).")
         extend = study.config("stage1-extend")
         before = tomllib.load(open(extend, "rb"))["optims"] if os.path.exists(extend) else []
-        if set(extensions) <= set(before):
-            if not stage_done(study, "stage1-extend"):  # interrupted after the file was written: run it again
-                run_stage(study, "stage1-extend", enabled)
-                continue
+        if set(extensions) <= set(before):  # their stage ran to its end (before the loop or in the last round)
             raise SystemExit(f"[study] the rule asks again for {extensions}, already in {os.path.basename(extend)}, "
                              "whose runs all finished: a run failed? See its log.")
         header = (f"Grid extensions of {study.task}'s stage 1 (PROTOCOL.md, amendment 1 and the session-9 note), "
