@@ -307,8 +307,8 @@ def test_crashed_run_is_reported_retried_and_resumed(local_ray, sequential, tmp_
 
 @ray_marked
 def test_experiment_resumes_after_its_driver_is_killed(local_ray, sequential, tmp_path, ray_temp_dir):
-    """`dopr experiment --backend ray` starting its own local Ray, SIGKILLed mid-run: its run tasks die with it,
-    and the same command run again, here on an existing cluster (--address), reuses what finished and resumes the
+    """`dopr experiment --backend ray` starting its own local Ray, SIGKILLed mid-run with its run tasks, and the same
+    command run again, here on an existing cluster (--address), reuses what finished and resumes the
     rest from their checkpoints."""
     temp = ray_temp_dir
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_TMPDIR": temp}
@@ -320,17 +320,20 @@ def test_experiment_resumes_after_its_driver_is_killed(local_ray, sequential, tm
         while not list(tmp_path.glob("runs/*/ckpt-0000050")):
             assert driver.poll() is None and time.monotonic() - t0 < 600, "no checkpoint at step 50"
             time.sleep(0.02)
+        # the driver and its run tasks die at once, as with a lost machine or an OOM kill: Ray alone ends a killed
+        # driver's tasks 1.5-2.3 s later (measured), in which runs this short finish and leave nothing to resume
+        tasks = [pid for pid, title in _ray_processes_of(temp).items() if "dopr-run" in title]
+        for pid in tasks:
+            os.kill(pid, signal.SIGSTOP)
         driver.kill()
         driver.wait()
+        for pid in tasks:
+            os.kill(pid, signal.SIGKILL)
     finally:
         if driver.poll() is None:
             driver.kill()
-    # Ray ends a driver's local cluster, and its tasks, with it. What still runs with this test's RAY_TMPDIR in its
-    # environment is ended here (Ray's two helper agents, started without it, notice and exit within a minute or two)
-    t0 = time.monotonic()
-    while [pid for pid, title in _ray_processes_of(temp).items() if "dopr-run" in title]:
-        assert time.monotonic() - t0 < 60, "a run task outlived its driver"
-        time.sleep(0.2)
+    # What else still runs with this test's RAY_TMPDIR in its environment (the driver's local cluster) is ended here
+    # (Ray's two helper agents, started without it, notice and exit within a minute or two)
     for pid in _ray_processes_of(temp):
         os.kill(pid, signal.SIGKILL)
     # unfinished runs with a checkpoint to go on from (at least the one whose step-50 checkpoint set off the kill)
